@@ -1,0 +1,275 @@
+"""The three tasks in CS224N format: loading, malformed-row handling, tokenisation cache, batching."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("sst", "quora", "sts")
+SPLITS = ("train", "dev", "test-student")
+FILE_NAMES = {"sst": "ids-sst-{split}.csv", "quora": "quora-{split}.csv", "sts": "sts-{split}.csv"}
+SENTENCE_COLUMNS = {"sst": ("sentence",), "quora": ("sentence1", "sentence2"), "sts": ("sentence1", "sentence2")}
+LABEL_COLUMNS = {"sst": "sentiment", "quora": "is_duplicate", "sts": "similarity"}
+CACHE_VERSION = 1
+
+
+class DataError(RuntimeError):
+    """A data file is missing or unusable."""
+
+
+@dataclass
+class RawTask:
+    """One split of one task as read from its file, malformed rows already skipped."""
+
+    task: str
+    ids: list[str]
+    sentences: list[list[str]]  # one list per sentence column
+    labels: list[float] | None  # None for unlabelled (test) files
+    skipped: int
+
+
+@dataclass
+class Encoded:
+    """Token ids of one sentence column: right-padded (N, L) int32 and the true lengths."""
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+
+    def to(self, device: torch.device) -> "Encoded":
+        return Encoded(self.ids.to(device), self.lengths.to(device))
+
+
+@dataclass
+class TaskData:
+    """One split of one task, tokenised: what the trainer and evaluator consume."""
+
+    task: str
+    ids: list[str]
+    columns: list[Encoded]  # 1 for SST, 2 for the pair tasks
+    labels: torch.Tensor | None  # int64 for sst/quora... float32 for sts
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def max_lengths(self) -> np.ndarray:
+        """Per example, the longest of its sentences (what length bucketing sorts by)."""
+        return torch.stack([c.lengths for c in self.columns]).amax(0).cpu().numpy()
+
+    def to(self, device: torch.device) -> "TaskData":
+        labels = None if self.labels is None else self.labels.to(device)
+        return TaskData(self.task, self.ids, [c.to(device) for c in self.columns], labels, self.skipped)
+
+
+def task_path(data_dir: Path, task: str, split: str) -> Path:
+    return Path(data_dir) / FILE_NAMES[task].format(split=split)
+
+
+def _parse_label(task: str, text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if task == "sts":
+        return value if 0.0 <= value <= 5.0 else None
+    if not value.is_integer():
+        return None
+    upper = 4 if task == "sst" else 1
+    return value if 0 <= value <= upper else None
+
+
+def read_task(path: Path, task: str, labelled: bool = True) -> RawTask:
+    """Read one CS224N-format file; skip and count malformed rows (one warning per file)."""
+    columns = SENTENCE_COLUMNS[task] + ((LABEL_COLUMNS[task],) if labelled else ())
+    expected = ", ".join(("id",) + columns)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (expected a tab-separated file with columns {expected})")
+    ids: list[str] = []
+    sentences: list[list[str]] = [[] for _ in SENTENCE_COLUMNS[task]]
+    labels: list[float] = []
+    skipped, first_bad = 0, None
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        missing = [c for c in ("id",) + columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)} (expected {expected})")
+        for row in reader:
+            values = [(row.get(c) or "").strip() for c in ("id",) + columns]
+            label = _parse_label(task, values[-1]) if labelled else 0.0
+            # None key: more fields than the header; a newline inside a field: broken quoting
+            if None in row or not all(values) or label is None or any("\n" in v for v in values):
+                skipped += 1
+                first_bad = first_bad or reader.line_num
+                continue
+            ids.append(values[0])
+            for i, column in enumerate(sentences):
+                column.append(values[1 + i])
+            if labelled:
+                labels.append(label)
+    if skipped:
+        logger.warning("%s: skipped %d malformed row(s) (first at line %d)", path, skipped, first_bad)
+    return RawTask(task, ids, sentences, labels if labelled else None, skipped)
+
+
+def subsample(raw: RawTask, max_examples: int) -> RawTask:
+    """A deterministic cap: the same examples for every run, seed and tokenizer, in file order."""
+    if not max_examples or len(raw.ids) <= max_examples:
+        return raw
+    keep = np.sort(np.random.default_rng(0).permutation(len(raw.ids))[:max_examples])
+    pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
+    labels = None if raw.labels is None else pick(raw.labels)
+    return RawTask(raw.task, pick(raw.ids), [pick(c) for c in raw.sentences], labels, raw.skipped)
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # drop the truncation/padding state that tokenising itself changes
+        spec = json.loads(backend.to_str())
+        text = json.dumps({k: v for k, v in spec.items() if k not in ("truncation", "padding")}, sort_keys=True)
+    else:
+        text = repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha1(f"{type(tokenizer).__name__}\n{text}".encode()).hexdigest()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MTBERT_CACHE_DIR") or Path.home() / ".cache" / "mtbert")
+
+
+def encode(sentences: list[str], tokenizer, max_length: int) -> Encoded:
+    """Tokenise a column once; pad to a multiple of 8 so batches can round lengths up cheaply."""
+    rows = tokenizer(sentences, truncation=True, max_length=max_length)["input_ids"]
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+    width = max(8, -(-max(map(len, rows), default=1) // 8) * 8)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=torch.int32)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
+    return Encoded(ids, lengths)
+
+
+def load_task(data_dir: Path, task: str, split: str, tokenizer, max_length: int = 128,
+              max_examples: int = 0, labelled: bool | None = None) -> TaskData:
+    """Read, cap and tokenise one split; tokens are cached by tokenizer and file content."""
+    path = task_path(data_dir, task, split)
+    labelled = split != "test-student" if labelled is None else labelled
+    if not path.is_file():  # the same clear error read_task would give, before hashing
+        read_task(path, task, labelled)
+    key = hashlib.sha1(
+        f"{CACHE_VERSION}|{_tokenizer_fingerprint(tokenizer)}|{hashlib.sha1(path.read_bytes()).hexdigest()}"
+        f"|{task}|{labelled}|{max_length}|{max_examples}".encode()
+    ).hexdigest()
+    cache = _cache_dir() / f"{task}-{split}-{key[:20]}.pt"
+    if cache.is_file():
+        try:
+            return torch.load(cache, weights_only=False)
+        except Exception:  # a torn or stale cache file is rebuilt, never trusted
+            logger.info("rebuilding unreadable token cache %s", cache)
+    raw = subsample(read_task(path, task, labelled), max_examples)
+    if not raw.ids:
+        raise DataError(f"{path}: no usable rows")
+    labels = None
+    if raw.labels is not None:
+        dtype = torch.float32 if task == "sts" else torch.int64
+        labels = torch.tensor(raw.labels, dtype=dtype)
+    data = TaskData(task, raw.ids, [encode(c, tokenizer, max_length) for c in raw.sentences], labels, raw.skipped)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(data, tmp)
+        os.replace(tmp, cache)
+    except OSError as exc:  # a read-only home is no reason to fail a run
+        logger.debug("token cache not written: %s", exc)
+    return data
+
+
+def load_splits(data_dir: Path, tokenizer, splits: tuple[str, ...] = ("train", "dev"),
+                max_length: int = 128, max_examples: int = 0) -> dict[str, dict[str, TaskData]]:
+    """{split: {task: TaskData}} for the labelled splits a training run needs."""
+    return {s: {t: load_task(data_dir, t, s, tokenizer, max_length, max_examples) for t in TASKS} for s in splits}
+
+
+# ---------------------------------------------------------------- batching
+
+
+def bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, pool: int = 32) -> list[np.ndarray]:
+    """Shuffle, sort by length inside pools of `pool` batches, cut into batches, shuffle the batches.
+
+    Batches hold similar lengths (little padding) while the order stays random. Fully determined by
+    `seed`, so any pass over any task can be rebuilt from (seed, task, pass) alone.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    batches: list[np.ndarray] = []
+    chunk = batch_size * pool
+    for start in range(0, len(order), chunk):
+        part = order[start:start + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Batches by increasing length, for evaluation."""
+    order = np.argsort(lengths, kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@dataclass
+class Batch:
+    """Row indices (already on the data's device) of one batch of one task, and its padded length."""
+
+    task: str
+    rows: torch.Tensor
+    length: int
+
+
+class TaskStream:
+    """Endless, reproducible stream of length-bucketed batches of one task's training split.
+
+    Batch `step` belongs to pass `step // batches_per_pass`; each pass is a fresh shuffle seeded by
+    (seed, task, pass). Smaller tasks thus cycle with a new order each time, and a run resumed at
+    any step sees exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(self, data: TaskData, batch_size: int, seed: int, round_to: int = 1):
+        self.data = data
+        self.batch_size = batch_size
+        self.seed = seed
+        self.round_to = round_to
+        self.lengths = data.max_lengths
+        self.batches_per_pass = -(-len(data) // batch_size)
+        self._pass = -1
+        self._rows: torch.Tensor | None = None
+        self._plan: list[tuple[int, int, int]] = []
+
+    def _build(self, pass_index: int) -> None:
+        seed = (self.seed, TASKS.index(self.data.task), pass_index)
+        batches = bucketed_batches(self.lengths, self.batch_size, np.random.SeedSequence(seed).generate_state(1)[0])
+        order = torch.from_numpy(np.concatenate(batches).astype(np.int64))
+        device = self.data.columns[0].ids.device
+        if device.type == "cuda":  # one pinned copy per pass instead of one per step
+            order = order.pin_memory().to(device, non_blocking=True)
+        self._rows, self._plan, start = order, [], 0
+        width = self.data.columns[0].ids.shape[1]
+        for b in batches:
+            length = int(self.lengths[b].max())
+            length = min(width, -(-length // self.round_to) * self.round_to)
+            self._plan.append((start, start + len(b), length))
+            start += len(b)
+        self._pass = pass_index
+
+    def batch(self, step: int) -> Batch:
+        pass_index, i = divmod(step, self.batches_per_pass)
+        if pass_index != self._pass:
+            self._build(pass_index)
+        start, end, length = self._plan[i]
+        return Batch(self.data.task, self._rows[start:end], length)

@@ -1,0 +1,147 @@
+"""Dev metrics and CS224N-format predictions; `python -m mtbert.evaluate --checkpoint DIR`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import TASKS, Encoded, TaskData, load_task, sorted_batches, task_path
+
+logger = logging.getLogger(__name__)
+
+# CS224N default-project output files: (file stem, header column)
+OUTPUT_FILES = {"sst": ("sst", "Predicted_Sentiment"), "quora": ("para", "Predicted_Is_Paraphrase"),
+                "sts": ("sts", "Predicted_Similiarity")}  # sic: the course's spelling
+
+
+def accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
+    return float(np.mean(np.asarray(pred) == np.asarray(gold)))
+
+
+def pearson(pred: np.ndarray, gold: np.ndarray) -> float:
+    pred, gold = np.asarray(pred, dtype=np.float64), np.asarray(gold, dtype=np.float64)
+    if pred.std() == 0 or gold.std() == 0:
+        return 0.0  # undefined; a constant predictor carries no correlation
+    return float(np.corrcoef(pred, gold)[0, 1])
+
+
+def summarize(sst_acc: float, quora_acc: float, sts_corr: float) -> dict[str, float]:
+    """The three task scores, their plain mean (the source report's number) and the normalised mean."""
+    return {
+        "sst_acc": sst_acc,
+        "quora_acc": quora_acc,
+        "sts_corr": sts_corr,
+        "overall": (sst_acc + quora_acc + sts_corr) / 3,
+        "overall_normalized": (sst_acc + quora_acc + (sts_corr + 1) / 2) / 3,
+    }
+
+
+def padded(columns: list[Encoded], rows: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One input batch from several sentence columns: ids (sum of rows, length) and attention mask."""
+    ids = torch.cat([_width(c.ids[rows, :length], length) for c in columns])
+    lengths = torch.cat([c.lengths[rows] for c in columns])
+    mask = torch.arange(length, device=ids.device) < lengths.unsqueeze(1)
+    return ids, mask.long()
+
+
+def _width(ids: torch.Tensor, length: int) -> torch.Tensor:
+    """Right-pad with 0 to `length` columns (another task's batch in the same step may be longer)."""
+    return ids if ids.shape[1] >= length else torch.nn.functional.pad(ids, (0, length - ids.shape[1]))
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, data: TaskData, batch_size: int = 256, amp: bool = False) -> np.ndarray:
+    """Predictions in data order: class ids (SST), 0/1 (Quora) or 0-5 scores (STS)."""
+    model.eval()
+    device = data.columns[0].ids.device
+    per_batch = max(1, batch_size // len(data.columns))
+    outputs = []
+    order = sorted_batches(data.max_lengths, per_batch)
+    for b in order:
+        rows = torch.from_numpy(b).to(device)
+        length = int(data.max_lengths[b].max())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            vecs = model.embed(*padded(data.columns, rows, length)).float()
+        if data.task == "sst":
+            out = model.sentiment_logits(vecs).argmax(-1)
+        else:
+            u, v = vecs.chunk(2)
+            out = (model.paraphrase_logit(u, v) > 0).long() if data.task == "quora" \
+                else model.similarity_score(u, v).clamp(0, 5)
+        outputs.append(out.float())
+    pred = torch.cat(outputs).cpu().numpy()
+    result = np.empty_like(pred)
+    result[np.concatenate(order)] = pred
+    return result
+
+
+def score(task: str, pred: np.ndarray, labels: torch.Tensor) -> float:
+    gold = labels.cpu().numpy()
+    return pearson(pred, gold) if task == "sts" else accuracy(pred, gold)
+
+
+def evaluate(model: nn.Module, dev: dict[str, TaskData], batch_size: int = 256, amp: bool = False) -> dict[str, float]:
+    """Dev metrics of all three tasks (see summarize)."""
+    scores = {t: score(t, predict(model, dev[t], batch_size, amp), dev[t].labels) for t in TASKS}
+    return summarize(scores["sst"], scores["quora"], scores["sts"])
+
+
+def write_predictions(path: Path, task: str, ids: list[str], pred: np.ndarray) -> None:
+    """One CS224N-format prediction file ("id \\t Predicted_X" header, "id , value" rows)."""
+    header = OUTPUT_FILES[task][1]
+    with open(path, "w") as f:
+        f.write(f"id \t {header} \n")
+        for i, p in zip(ids, pred):
+            value = f"{p:.4f}" if task == "sts" else str(int(p))
+            f.write(f"{i} , {value} \n")
+
+
+def predict_files(model: nn.Module, tokenizer, data_dir: Path, out_dir: Path, max_length: int = 128,
+                  batch_size: int = 256, device: torch.device = torch.device("cpu"), amp: bool = False,
+                  splits: tuple[str, ...] = ("dev", "test-student")) -> dict[str, float]:
+    """Write prediction CSVs for every split file present; return the dev metrics."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scores: dict[str, float] = {}
+    for split in splits:
+        for task in TASKS:
+            if not task_path(data_dir, task, split).is_file():
+                logger.warning("%s: not found, no %s predictions for it", task_path(data_dir, task, split), split)
+                continue
+            data = load_task(data_dir, task, split, tokenizer, max_length).to(device)
+            pred = predict(model, data, batch_size, amp)
+            name = f"{OUTPUT_FILES[task][0]}-{split.split('-')[0]}-output.csv"
+            write_predictions(out_dir / name, task, data.ids, pred)
+            if split == "dev":
+                scores[task] = score(task, pred, data.labels)
+    return summarize(scores["sst"], scores["quora"], scores["sts"]) if len(scores) == 3 else scores
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .checkpoint import load_model
+    from .config import resolve_data_dir
+    from .train import resolve_device
+
+    parser = argparse.ArgumentParser(description="Score a saved run on dev and write CS224N prediction files.")
+    parser.add_argument("--checkpoint", required=True, help="run folder written by mtbert.train (--out)")
+    parser.add_argument("--data-dir", default=None, help="data folder (default: $MTBERT_DATA_DIR, else ./data)")
+    parser.add_argument("--out", default=None, help="where to write the CSVs (default: CHECKPOINT/predictions)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = resolve_device(args.device)
+    model, tokenizer, cfg = load_model(Path(args.checkpoint), device)
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "predictions"
+    metrics = predict_files(model, tokenizer, resolve_data_dir(args.data_dir), out, cfg.max_length,
+                            args.batch_size, device, amp=device.type == "cuda")
+    logger.info("predictions written to %s", out)
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main()

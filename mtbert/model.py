@@ -1,0 +1,129 @@
+"""MultitaskBert: one BERT encoder, three task heads (the source report's architecture)."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig, resolve_model_name
+
+logger = logging.getLogger(__name__)
+
+N_SENTIMENT_CLASSES = 5
+
+
+class ModelLoadError(RuntimeError):
+    """The encoder or tokenizer could not be loaded (offline, wrong name, broken folder)."""
+
+
+def load_pretrained(model: str) -> tuple[nn.Module, "object"]:
+    """Load (encoder, tokenizer) from a local folder or, when the hub is reachable, a model id.
+
+    A local folder is read directly. An id is first looked up in the local HF cache only; the hub
+    is asked once more only when HF_HUB_OFFLINE is not set. Any failure is one ModelLoadError.
+    """
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    name = resolve_model_name(model)
+    local = Path(name).expanduser()
+    if local.exists():
+        attempts = [dict()]
+        name = str(local)
+    elif name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model folder {name!r} does not exist")
+    else:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        attempts = [dict(local_files_only=True)] + ([] if offline else [dict()])
+    errors = []
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "loading weights" chatter is not ours to show
+    hf_logging.disable_progress_bar()
+    try:
+        for kwargs in attempts:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+                encoder = AutoModel.from_pretrained(name, **kwargs)
+                return encoder, tokenizer
+            except Exception as exc:  # transformers raises many types: OSError, ValueError, HTTP errors
+                errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    raise ModelLoadError(
+        f"cannot load model {name!r}: not a local folder, not in the Hugging Face cache"
+        f"{'' if len(attempts) > 1 else ' (HF_HUB_OFFLINE is set)'} or not loadable "
+        f"({'; '.join(errors)}). Pass --model with a local folder or a cached model id."
+    ) from None
+
+
+def _head(in_dim: int, hidden: int, out_dim: int, dropout: float, norm: bool, relu: bool) -> nn.Sequential:
+    """Two hidden layers then the output layer; with neither norm nor relu, one Linear.
+
+    norm: each hidden layer is Linear -> LayerNorm -> Dropout (the report's stack);
+    relu: each hidden layer ends in ReLU.
+    """
+    if not (norm or relu):
+        return nn.Sequential(nn.Linear(in_dim, out_dim))
+    layers: list[nn.Module] = []
+    for i in range(2):
+        layers.append(nn.Linear(in_dim if i == 0 else hidden, hidden))
+        if norm:
+            layers += [nn.LayerNorm(hidden), nn.Dropout(dropout)]
+        if relu:
+            layers.append(nn.ReLU())
+    layers.append(nn.Linear(hidden, out_dim))
+    return nn.Sequential(*layers)
+
+
+class MultitaskBert(nn.Module):
+    """BERT encoder + sentiment (5-way), paraphrase (logit) and similarity (0-5) heads.
+
+    The sentence vectors go through dropout, then each head. Switches (TrainConfig): `stack` (two
+    Linear -> LayerNorm -> Dropout layers before each head's output layer), `relu` (ReLU after each
+    hidden layer of the pair heads; without `stack` that makes them Linear -> ReLU twice),
+    `cosine` (add cos(u, v) to the paraphrase logit and 5*cos(u, v) to the similarity score),
+    `pooling` ("cls" or "mean"). With every switch off each head is one Linear layer.
+    """
+
+    def __init__(self, encoder: nn.Module, cfg: TrainConfig):
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = cfg.pooling
+        self.cosine = cfg.cosine
+        hidden = encoder.config.hidden_size
+        p = cfg.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.sst_head = _head(hidden, hidden, N_SENTIMENT_CLASSES, p, norm=cfg.stack, relu=False)
+        self.para_head = _head(2 * hidden, hidden, 1, p, norm=cfg.stack, relu=cfg.relu)
+        self.sts_head = _head(2 * hidden, hidden, 1, p, norm=cfg.stack, relu=cfg.relu)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if not name.startswith("encoder.")]
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Sentence vectors (before dropout) of a padded batch."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def sentiment_logits(self, u: torch.Tensor) -> torch.Tensor:
+        return self.sst_head(self.dropout(u))
+
+    def _pair(self, head: nn.Module, u: torch.Tensor, v: torch.Tensor, cos_scale: float) -> torch.Tensor:
+        out = head(torch.cat([self.dropout(u), self.dropout(v)], dim=-1)).squeeze(-1)
+        if self.cosine:
+            out = out + cos_scale * F.cosine_similarity(u.float(), v.float(), dim=-1).to(out.dtype)
+        return out
+
+    def paraphrase_logit(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self._pair(self.para_head, u, v, 1.0)
+
+    def similarity_score(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self._pair(self.sts_head, u, v, 5.0)

@@ -1,0 +1,4 @@
+"""Study specs: one TOML file per study in this folder, loaded and validated by studies.spec."""
+from studies.spec import STUDIES_DIR, ParamSpec, StudySpec, StudySpecError, list_studies, load_spec
+
+__all__ = ["STUDIES_DIR", "ParamSpec", "StudySpec", "StudySpecError", "list_studies", "load_spec"]

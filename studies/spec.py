@@ -1,0 +1,343 @@
+"""Study specs: one small TOML file per study, validated here and turned into Optuna objects.
+
+A spec is data (search space, sampler, pruner, fixed training values); nothing here knows any study.
+Every problem in a file is one StudySpecError whose message reads "<file>: <field>: <problem>".
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import optuna
+
+from mtbert.config import TrainConfig, config_fields
+
+STUDIES_DIR = Path(__file__).resolve().parent
+DIRECTIONS = ("maximize", "minimize")
+METRICS = ("overall", "overall_normalized", "sst_acc", "quora_acc", "sts_corr")
+SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+            "grid": optuna.samplers.GridSampler}
+PRUNERS = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
+           "hyperband": optuna.pruners.HyperbandPruner, "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+           "none": optuna.pruners.NopPruner}
+TOP_KEYS = ("description", "direction", "metric", "n_trials", "keep_best", "train", "space", "sampler", "pruner")
+PARAM_KEYS = {"float": ("low", "high", "log", "step"), "int": ("low", "high", "step", "log"),
+              "categorical": ("choices",), "preset": ("presets",)}
+_SCALARS = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+class StudySpecError(ValueError):
+    """A problem in a study file; the message is always "<file>: <field>: <problem>"."""
+
+
+def _accepts(value: Any, types: tuple[type, ...]) -> bool:
+    """isinstance in the TOML sense: a bool is no int, an int is fine where a float is expected."""
+    if isinstance(value, bool):
+        return bool in types
+    return isinstance(value, tuple(t for t in types if t is not bool)) or (isinstance(value, int) and float in types)
+
+
+def _types_in(annotation: Any) -> tuple[type, ...]:
+    """The scalar types an annotation names ("int | None", "str | int", float, ...)."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    return tuple(_SCALARS[n] for n in dict.fromkeys(re.findall(r"\b(bool|int|float|str)\b", text)))
+
+
+def _field_types() -> dict[str, tuple[type, ...]]:
+    """Accepted types of each TrainConfig field: its default's type, else its annotation's."""
+    return {f.name: (type(f.default),) if f.default not in (None, dataclasses.MISSING) else _types_in(f.type) or (str,)
+            for f in dataclasses.fields(TrainConfig)}
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(STUDIES_DIR.parent))
+    except ValueError:
+        return str(path)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One searched parameter; a preset is a categorical over the names of its bundles."""
+
+    name: str
+    type: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple[Any, ...] | None = None
+    presets: dict[str, dict[str, Any]] | None = None
+
+    def grid_values(self) -> list[Any] | None:
+        """Every value a grid tries, or None where the param cannot be enumerated."""
+        if self.type in ("categorical", "preset"):
+            return list(self.choices or self.presets or ())
+        if self.type == "int" and self.step is not None and not self.log:
+            return list(range(int(self.low), int(self.high) + 1, int(self.step)))
+        return None
+
+    def controls(self) -> set[str]:
+        """The TrainConfig fields this param sets."""
+        return {k for b in self.presets.values() for k in b} if self.presets else {self.name}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The TOML table of this param."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "name" and v is not None and v is not False}
+        return {**out, "choices": list(self.choices)} if self.choices else out
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A validated study file; build it with load_spec()."""
+
+    name: str
+    path: Path
+    description: str
+    direction: str
+    metric: str
+    n_trials: int
+    keep_best: int
+    train: dict[str, Any]
+    space: dict[str, ParamSpec]
+    sampler: dict[str, Any]
+    pruner: dict[str, Any]
+
+    @property
+    def epochs(self) -> int:
+        return self.train.get("epochs", TrainConfig().epochs)
+
+    @property
+    def grid_size(self) -> int | None:
+        """Number of grid points for a grid sampler; None for the other samplers."""
+        if self.sampler["type"] != "grid":
+            return None
+        return math.prod(len(p.grid_values() or ()) for p in self.space.values())
+
+    def make_sampler(self, seed: int | None = None) -> optuna.samplers.BaseSampler:
+        """The sampler; `seed`, when given, overrides [sampler].seed."""
+        kwargs = {k: v for k, v in self.sampler.items() if k != "type"} | ({} if seed is None else {"seed": seed})
+        if self.sampler["type"] == "grid":
+            return optuna.samplers.GridSampler({p.name: p.grid_values() for p in self.space.values()}, **kwargs)
+        return SAMPLERS[self.sampler["type"]](**kwargs)
+
+    def make_pruner(self) -> optuna.pruners.BasePruner:
+        """The pruner; hyperband's max_resource defaults to epochs, the halving pruners' min_resource to 1."""
+        kwargs = {k: v for k, v in self.pruner.items() if k != "type"}
+        if self.pruner["type"] in ("hyperband", "successive_halving"):
+            kwargs.setdefault("min_resource", 1)
+        if self.pruner["type"] == "hyperband":
+            kwargs.setdefault("max_resource", self.epochs)
+        return PRUNERS[self.pruner["type"]](**kwargs)
+
+    def suggest(self, trial: optuna.trial.BaseTrial) -> dict[str, Any]:
+        """TrainConfig overrides for this trial: the fixed [train] values plus the sampled ones, presets expanded."""
+        values = dict(self.train)
+        for p in self.space.values():
+            if p.type == "float":
+                values[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)
+            elif p.type == "int":
+                values[p.name] = trial.suggest_int(p.name, p.low, p.high, step=p.step or 1, log=p.log)
+            elif p.type == "categorical":
+                values[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+            else:
+                values.update(p.presets[trial.suggest_categorical(p.name, list(p.presets))])
+        return values
+
+    def with_overrides(self, *, n_trials: int | None = None, epochs: int | None = None,
+                       max_examples: int | None = None, model: str | None = None,
+                       data_dir: str | None = None) -> tuple[StudySpec, dict[str, Any]]:
+        """A revalidated copy with the given values (None = not given), and a dict of those applied."""
+        given = {k: v for k, v in dict(n_trials=n_trials, epochs=epochs, max_examples=max_examples,
+                                       model=model, data_dir=data_dir).items() if v is not None}
+        raw = {k: v for k, v in self.to_dict().items() if k not in ("name", "path")}
+        for key, value in given.items():
+            if key != "n_trials" and any(key in p.controls() for p in self.space.values()):
+                raise StudySpecError(f"{_display(self.path)}: {key}: searched in [space], cannot override it")
+            (raw if key == "n_trials" else raw["train"])[key] = value
+        return _Loader(self.path).parse(raw, self.name), given
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable: the TOML layout plus name and path, for recording on the study."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**out, "path": _display(self.path), "train": dict(self.train), "sampler": dict(self.sampler),
+                "pruner": dict(self.pruner), "space": {n: p.to_dict() for n, p in self.space.items()}}
+
+
+class _Loader:
+    """Validates the parsed TOML of one file, raising at the first problem."""
+
+    def __init__(self, path: Path) -> None:
+        self.file, self.path, self.fields, self.types = _display(path), path, config_fields(), _field_types()
+
+    def fail(self, field: str, problem: str) -> NoReturn:
+        raise StudySpecError(f"{self.file}: {field}: {problem}")
+
+    def choice(self, field: str, value: Any, valid: Any) -> Any:
+        if value not in valid:
+            self.fail(field, f"{'missing' if value is None else f'unknown value {value!r}'} (valid: {', '.join(valid)})")
+        return value
+
+    def integer(self, field: str, value: Any, minimum: int) -> int:
+        if not _accepts(value, (int,)) or value < minimum:
+            self.fail(field, f"must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    def table(self, field: str, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.fail(field, "missing" if value is None else f"must be a table, got {value!r}")
+        return dict(value)
+
+    def train_value(self, field: str, key: str, value: Any) -> None:
+        if key not in self.fields:
+            self.fail(field, f"{key!r} is not a TrainConfig field")
+        if not _accepts(value, self.types[key]):
+            self.fail(field, f"expected {' or '.join(t.__name__ for t in self.types[key])}, got {value!r}")
+
+    def check_config(self, field: str, values: dict[str, Any]) -> None:
+        """TrainConfig's own checks (ranges, enums) on these values over the defaults."""
+        try:
+            TrainConfig().replace(**values).validate()
+        except ValueError as exc:
+            self.fail(field, str(exc))
+
+    def parse(self, raw: dict[str, Any], name: str | None = None) -> StudySpec:
+        for key in raw:
+            if key not in TOP_KEYS:
+                self.fail(key, f"unknown key (allowed: {', '.join(TOP_KEYS)})")
+        if not isinstance(raw.get("description", ""), str):
+            self.fail("description", "must be a string")
+        train = self.table("train", raw.get("train", {}))
+        for key, value in train.items():
+            self.train_value(f"train.{key}", key, value)
+        self.check_config("train", train)
+        space = {n: self.param(n, self.table(f"space.{n}", v), train)
+                 for n, v in self.table("space", raw.get("space", {})).items()} or self.fail("space", "no parameters")
+        owner: dict[str, str] = {}
+        for p in space.values():
+            for key in sorted(p.controls()):
+                if key in train or key in owner:
+                    where = "fixed in [train]" if key in train else f"searched by space.{owner[key]}"
+                    self.fail(f"space.{p.name}", f"{key!r} is searched here and also {where}")
+                owner[key] = p.name
+        sampler = self.options("sampler", raw.get("sampler", {"type": "tpe"}), SAMPLERS, skip=("search_space",))
+        pruner = self.options("pruner", raw.get("pruner", {"type": "none"}), PRUNERS)
+        grid = None
+        if sampler["type"] == "grid":
+            for p in space.values():
+                if p.grid_values() is None:
+                    self.fail(f"space.{p.name}", f"a grid sampler needs categorical, preset or int-with-step params, "
+                              f"not {p.type}{'' if p.type == 'float' else ' without step'}")
+            grid = math.prod(len(p.grid_values()) for p in space.values())
+        if "n_trials" not in raw and grid is None:
+            self.fail("n_trials", "missing")
+        n_trials = self.integer("n_trials", raw.get("n_trials", grid), 1)
+        if grid is not None and n_trials > grid:
+            self.fail("n_trials", f"{n_trials} exceeds the grid size ({grid})")
+        spec = StudySpec(name or self.path.stem, self.path, raw.get("description", ""),
+                         self.choice("direction", raw.get("direction"), DIRECTIONS),
+                         self.choice("metric", raw.get("metric"), METRICS), n_trials,
+                         self.integer("keep_best", raw.get("keep_best", 1), 0), train, space, sampler, pruner)
+        for section, build in (("sampler", spec.make_sampler), ("pruner", spec.make_pruner)):
+            try:
+                build()
+            except (TypeError, ValueError) as exc:
+                self.fail(section, str(exc))
+        return spec
+
+    def param(self, name: str, raw: dict[str, Any], train: dict[str, Any]) -> ParamSpec:
+        where = f"space.{name}"
+        kind = self.choice(f"{where}.type", raw.get("type"), tuple(PARAM_KEYS))
+        for key in raw.keys() - {"type", *PARAM_KEYS[kind]}:
+            self.fail(f"{where}.{key}", f"unknown key for a {kind} param (allowed: type, {', '.join(PARAM_KEYS[kind])})")
+        if kind == "preset":
+            presets = self.table(f"{where}.presets", raw.get("presets")) or self.fail(f"{where}.presets", "empty")
+            if name in self.fields:
+                self.fail(where, "a preset's name must not be a TrainConfig field (its value is a bundle name)")
+            for bundle_name, bundle in presets.items():
+                presets[bundle_name] = self.table(f"{where}.presets.{bundle_name}", bundle)
+                for key, value in bundle.items():
+                    self.train_value(f"{where}.presets.{bundle_name}.{key}", key, value)
+                self.check_config(f"{where}.presets.{bundle_name}", {**train, **bundle})
+            return ParamSpec(name, kind, presets=presets)
+        if name not in self.fields:
+            self.fail(where, "not a TrainConfig field (a bundle of values needs type = \"preset\")")
+        if kind == "categorical":
+            choices = raw.get("choices")
+            if not isinstance(choices, list) or not choices:
+                self.fail(f"{where}.choices", "must be a non-empty list")
+            for value in choices:
+                self.train_value(f"{where}.choices", name, value)
+                self.check_config(where, {**train, name: value})
+            if len({repr(c) for c in choices}) != len(choices):
+                self.fail(f"{where}.choices", "duplicate choices")
+            return ParamSpec(name, kind, choices=tuple(choices))
+        number = int if kind == "int" else float
+        if not _accepts(number(1), self.types[name]):
+            self.fail(where, f"{name} is not a number in TrainConfig; use type = \"categorical\"")
+        for key in ("low", "high", "step"):
+            if key in raw and not _accepts(raw[key], (number,)):
+                self.fail(f"{where}.{key}", f"must be {'an integer' if kind == 'int' else 'a number'}, got {raw[key]!r}")
+            if key != "step" and key not in raw:
+                self.fail(f"{where}.{key}", "missing")
+        low, high, step, log = raw["low"], raw["high"], raw.get("step"), raw.get("log", False)
+        checks = [  # (ok, field, problem), first failure wins
+            (low <= high, where, f"low ({low}) > high ({high})"),
+            (isinstance(log, bool), f"{where}.log", f"must be true or false, got {log!r}"),
+            (not log or low > 0, f"{where}.low", f"log scale needs low > 0, got {low}"),
+            (step is None or step > 0, f"{where}.step", f"must be > 0, got {step}"),
+            (step is None or not log, where, "log and step cannot be combined"),
+            (step is None or step <= 0 or kind == "float" or (high - low) % step == 0, f"{where}.step",
+             f"high - low ({high - low}) is not a multiple of step ({step})"),
+        ]
+        for ok, field, problem in checks:
+            if not ok:
+                self.fail(field, problem)
+        for value in (low, high):
+            self.check_config(where, {**train, name: number(value)})
+        return ParamSpec(name, kind, number(low), number(high), log, None if step is None else number(step))
+
+    def options(self, section: str, raw: Any, classes: dict[str, type], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+        """[sampler] / [pruner]: a known type plus keyword arguments its Optuna class accepts."""
+        raw = self.table(section, raw)
+        cls = classes[self.choice(f"{section}.type", raw.get("type"), tuple(classes))]
+        params = {n: p for n, p in inspect.signature(cls.__init__).parameters.items()
+                  if n not in ("self", *skip) and "Callable" not in str(p.annotation)
+                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        for key, value in raw.items():
+            if key != "type" and key not in params:
+                self.fail(f"{section}.{key}", f"unknown option for {cls.__name__} (allowed: {', '.join(params) or 'none'})")
+            types = (_types_in(params[key].annotation) if key != "type" else (str,)) or (bool, int, float, str)
+            if not _accepts(value, types):
+                self.fail(f"{section}.{key}", f"expected {' or '.join(t.__name__ for t in types)}, got {value!r}")
+        return raw
+
+
+def list_studies() -> list[str]:
+    """Names of the studies in STUDIES_DIR."""
+    return sorted(p.stem for p in STUDIES_DIR.glob("*.toml"))
+
+
+def load_spec(name_or_path: str | Path) -> StudySpec:
+    """Load a study: a path to a .toml file, or a name looked up as STUDIES_DIR/<name>.toml."""
+    text = str(name_or_path)
+    by_name = not (isinstance(name_or_path, Path) or text.endswith(".toml") or "/" in text)
+    path = STUDIES_DIR / f"{text}.toml" if by_name else Path(name_or_path)
+    if by_name and not path.is_file():
+        raise StudySpecError(f"{_display(path)}: study: unknown study {text!r} "
+                             f"(available: {', '.join(list_studies()) or 'none'})")
+    if not path.is_file():
+        raise StudySpecError(f"{_display(path)}: file: not found")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise StudySpecError(f"{_display(path)}: syntax: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StudySpecError(f"{_display(path)}: file: cannot read ({exc})") from None
+    return _Loader(path).parse(raw)
