@@ -225,11 +225,37 @@ def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 @dataclass
 class Batch:
-    """Row indices (already on the data's device) of one batch of one task, and its padded length."""
+    """Row indices (already on the data's device) of one batch of one task, and the padded length
+    of each of its sentence columns."""
 
     task: str
     rows: torch.Tensor
-    length: int
+    lengths: tuple[int, ...]
+
+
+Piece = tuple[Encoded, torch.Tensor, int]  # (sentence column, rows, padded length)
+
+
+def padded(pieces: list[Piece]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One encoder input from several (column, rows) pieces, padded to the longest: ids and mask."""
+    length = max(p[2] for p in pieces)
+    ids = []
+    for column, rows, _ in pieces:
+        part = column.ids[rows, :length]
+        if part.shape[1] < length:  # another piece of this input is longer than this whole column
+            part = torch.nn.functional.pad(part, (0, length - part.shape[1]))
+        ids.append(part)
+    lengths = torch.cat([column.lengths[rows] for column, rows, _ in pieces])
+    mask = torch.arange(length, device=lengths.device) < lengths.unsqueeze(1)
+    return torch.cat(ids), mask.long()
+
+
+def embed_pieces(model, pieces: list[Piece], fuse: bool) -> list[torch.Tensor]:
+    """Sentence vectors of each piece. fuse: one forward pass for all (on a GPU, launches dominate);
+    else one per piece at its own length (on a CPU, padding dominates)."""
+    groups = [pieces] if fuse else [[p] for p in pieces]
+    vecs = [model.embed(*padded(g)) for g in groups]
+    return list(torch.cat(vecs).split([len(rows) for _, rows, _ in pieces]))
 
 
 class TaskStream:
@@ -246,6 +272,7 @@ class TaskStream:
         self.seed = seed
         self.round_to = round_to
         self.lengths = data.max_lengths
+        self.column_lengths = [c.lengths.cpu().numpy() for c in data.columns]
         self.batches_per_pass = -(-len(data) // batch_size)
         self._pass = -1
         self._rows: torch.Tensor | None = None
@@ -259,11 +286,10 @@ class TaskStream:
         if device.type == "cuda":  # one pinned copy per pass instead of one per step
             order = order.pin_memory().to(device, non_blocking=True)
         self._rows, self._plan, start = order, [], 0
-        width = self.data.columns[0].ids.shape[1]
+        r = self.round_to
         for b in batches:
-            length = int(self.lengths[b].max())
-            length = min(width, -(-length // self.round_to) * self.round_to)
-            self._plan.append((start, start + len(b), length))
+            lengths = tuple(-(-int(c[b].max()) // r) * r for c in self.column_lengths)
+            self._plan.append((start, start + len(b), lengths))
             start += len(b)
         self._pass = pass_index
 
@@ -271,5 +297,5 @@ class TaskStream:
         pass_index, i = divmod(step, self.batches_per_pass)
         if pass_index != self._pass:
             self._build(pass_index)
-        start, end, length = self._plan[i]
-        return Batch(self.data.task, self._rows[start:end], length)
+        start, end, lengths = self._plan[i]
+        return Batch(self.data.task, self._rows[start:end], lengths)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import TASKS, Encoded, TaskData, load_task, sorted_batches, task_path
+from .data import TASKS, TaskData, embed_pieces, load_task, sorted_batches, task_path
 
 logger = logging.getLogger(__name__)
 
@@ -41,19 +41,6 @@ def summarize(sst_acc: float, quora_acc: float, sts_corr: float) -> dict[str, fl
     }
 
 
-def padded(columns: list[Encoded], rows: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One input batch from several sentence columns: ids (sum of rows, length) and attention mask."""
-    ids = torch.cat([_width(c.ids[rows, :length], length) for c in columns])
-    lengths = torch.cat([c.lengths[rows] for c in columns])
-    mask = torch.arange(length, device=ids.device) < lengths.unsqueeze(1)
-    return ids, mask.long()
-
-
-def _width(ids: torch.Tensor, length: int) -> torch.Tensor:
-    """Right-pad with 0 to `length` columns (another task's batch in the same step may be longer)."""
-    return ids if ids.shape[1] >= length else torch.nn.functional.pad(ids, (0, length - ids.shape[1]))
-
-
 @torch.inference_mode()
 def predict(model: nn.Module, data: TaskData, batch_size: int = 256, amp: bool = False) -> np.ndarray:
     """Predictions in data order: class ids (SST), 0/1 (Quora) or 0-5 scores (STS)."""
@@ -62,15 +49,16 @@ def predict(model: nn.Module, data: TaskData, batch_size: int = 256, amp: bool =
     per_batch = max(1, batch_size // len(data.columns))
     outputs = []
     order = sorted_batches(data.max_lengths, per_batch)
+    column_lengths = [c.lengths.cpu().numpy() for c in data.columns]
     for b in order:
         rows = torch.from_numpy(b).to(device)
-        length = int(data.max_lengths[b].max())
+        pieces = [(c, rows, int(n[b].max())) for c, n in zip(data.columns, column_lengths)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            vecs = model.embed(*padded(data.columns, rows, length)).float()
+            vecs = [v.float() for v in embed_pieces(model, pieces, fuse=device.type == "cuda")]
         if data.task == "sst":
-            out = model.sentiment_logits(vecs).argmax(-1)
+            out = model.sentiment_logits(vecs[0]).argmax(-1)
         else:
-            u, v = vecs.chunk(2)
+            u, v = vecs
             out = (model.paraphrase_logit(u, v) > 0).long() if data.task == "quora" \
                 else model.similarity_score(u, v).clamp(0, 5)
         outputs.append(out.float())

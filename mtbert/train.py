@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_states, write_run_files
 from .config import TrainConfig, add_config_arguments, resolve_data_dir
-from .data import TASKS, Batch, TaskData, TaskStream, load_splits
-from .evaluate import evaluate, padded
+from .data import TASKS, Batch, TaskData, TaskStream, embed_pieces, load_splits
+from .evaluate import evaluate
 from .model import MultitaskBert, load_pretrained
 
 logger = logging.getLogger(__name__)
@@ -100,21 +100,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def task_losses(model: MultitaskBert, data: dict[str, TaskData], batches: list[Batch]) -> dict[str, torch.Tensor]:
-    """Loss of each task in `batches`, all sentences through the encoder in one forward pass."""
-    length = max(b.length for b in batches)
-    parts = [padded(data[b.task].columns, b.rows, length) for b in batches]
-    vecs = model.embed(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-    sizes = [len(p[0]) for p in parts]
+def task_losses(model: MultitaskBert, data: dict[str, TaskData], batches: list[Batch],
+                fuse: bool) -> dict[str, torch.Tensor]:
+    """Loss of each task in `batches`; with `fuse`, all sentences go through the encoder at once."""
+    pieces = [(c, b.rows, n) for b in batches for c, n in zip(data[b.task].columns, b.lengths)]
+    vecs = iter(embed_pieces(model, pieces, fuse))
     losses = {}
-    for b, v in zip(batches, vecs.split(sizes)):
+    for b in batches:
         y = data[b.task].labels[b.rows]
         if b.task == "sst":
-            losses["sst"] = F.cross_entropy(model.sentiment_logits(v).float(), y)
+            losses["sst"] = F.cross_entropy(model.sentiment_logits(next(vecs)).float(), y)
         elif b.task == "quora":
-            losses["quora"] = F.binary_cross_entropy_with_logits(model.paraphrase_logit(*v.chunk(2)).float(), y.float())
+            logit = model.paraphrase_logit(next(vecs), next(vecs))
+            losses["quora"] = F.binary_cross_entropy_with_logits(logit.float(), y.float())
         else:
-            losses["sts"] = F.mse_loss(model.similarity_score(*v.chunk(2)).float(), y)
+            losses["sts"] = F.mse_loss(model.similarity_score(next(vecs), next(vecs)).float(), y)
     return losses
 
 
@@ -123,7 +123,7 @@ def train_step(model: MultitaskBert, optimizer, scheduler, data: dict[str, TaskD
     """One optimizer step on the summed loss of `batches`; returns the loss without syncing."""
     device_type = data[batches[0].task].columns[0].ids.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
-        loss = sum(task_losses(model, data, batches).values())
+        loss = sum(task_losses(model, data, batches, fuse=device_type == "cuda").values())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if max_grad_norm > 0:
