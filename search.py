@@ -1,0 +1,222 @@
+"""Create or resume a study and run it: workers on this machine, one progress bar, a leaderboard.
+
+    python search.py --study quickstart                  # CPU demo, SQLite under storage/
+    python search.py --study lr_dropout                  # one worker per visible GPU
+    python search.py --study lr_dropout --workers-per-gpu 4
+    python search.py --study lr_dropout --status         # progress and leaderboard, runs nothing
+    python search.py --study lr_dropout --dashboard      # optuna-dashboard on 127.0.0.1
+
+More workers on other machines join with worker.py against the same (PostgreSQL) storage.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+import storage as storage_lib
+from studies import StudySpec, StudySpecError
+from worker import FINISHED, add_override_arguments, configure_logging, load_study_spec, open_study, trial_counts
+
+logger = logging.getLogger("search")
+ROOT = Path(__file__).resolve().parent
+
+
+# ------------------------------------------------------------ workers
+
+
+def visible_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def worker_devices(workers: int | None, per_gpu: int) -> list[str]:
+    """One device per worker: per_gpu workers on each visible GPU by default, one CPU worker without."""
+    gpus = visible_gpus()
+    if gpus == 0:
+        return ["cpu"] * (workers or 1)
+    n = workers or gpus * per_gpu
+    return [f"cuda:{i % gpus}" for i in range(n)]
+
+
+def start_workers(study: str, url: str, devices: list[str], args: argparse.Namespace, log_dir: Path) -> list:
+    """Start worker.py processes; the storage URL travels in the environment, never in argv."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    passthrough = []
+    for flag in ("n_trials", "epochs", "max_examples", "model", "data_dir"):
+        if getattr(args, flag) is not None:
+            passthrough += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    env = {**os.environ, "MTBERT_STORAGE": url, "TOKENIZERS_PARALLELISM": "false"}
+    if all(d == "cpu" for d in devices) and len(devices) > 1:  # share the cores instead of oversubscribing
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(devices)))
+    procs = []
+    for i, device in enumerate(devices):
+        log = open(log_dir / f"worker-{i}.log", "a")
+        cmd = [sys.executable, str(ROOT / "worker.py"), "--study", study, "--device", device, "--no-progress",
+               *passthrough]
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log))
+        logger.info("worker %d on %s (log: %s)", i, device, log.name)
+    return procs
+
+
+def stop_workers(procs: list, timeout: float = 120.0) -> None:
+    """SIGTERM: each worker hands its running trial back for retry; then wait for them."""
+    for p, _ in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.time() + timeout
+    for p, log in procs:
+        try:
+            p.wait(max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+        log.close()
+
+
+def follow(study: optuna.Study, spec: StudySpec, procs: list, poll: float = 2.0) -> None:
+    """One progress bar for the study until its budget is met or every worker has exited."""
+    bar = tqdm(total=spec.n_trials, desc=spec.name, unit="trial", dynamic_ncols=True)
+    try:
+        while True:
+            counts = trial_counts(study)
+            finished = sum(counts[s] for s in FINISHED)
+            bar.n = min(finished, spec.n_trials)
+            bar.set_postfix_str(progress_text(study, spec, counts), refresh=True)
+            if finished >= spec.n_trials or all(p.poll() is not None for p, _ in procs):
+                break
+            time.sleep(poll)
+    finally:
+        bar.close()
+
+
+def progress_text(study: optuna.Study, spec: StudySpec, counts) -> str:
+    best = best_trial(study, spec)
+    best_text = f"best {best.value:.4f} (#{best.number})" if best else "best -"
+    return (f"complete {counts[TrialState.COMPLETE]} pruned {counts[TrialState.PRUNED]} "
+            f"failed {counts[TrialState.FAIL]} running {counts[TrialState.RUNNING]} | {best_text}")
+
+
+def best_trial(study: optuna.Study, spec: StudySpec) -> optuna.trial.FrozenTrial | None:
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    if not complete:
+        return None
+    return (max if spec.direction == "maximize" else min)(complete, key=lambda t: t.value)
+
+
+# ------------------------------------------------------------ results
+
+
+def leaderboard(study: optuna.Study, spec: StudySpec) -> pd.DataFrame:
+    """All trials, best first: state, metric, per-task dev scores, params, epochs, duration."""
+    df = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "duration"))
+    if df.empty:
+        return df
+    df = df.rename(columns=lambda c: c.replace("user_attrs_", "").replace("params_", ""))
+    df = df.rename(columns={"value": spec.metric})
+    df["duration"] = df["duration"].dt.total_seconds().round(1)
+    keep = ["number", "state", spec.metric, "sst_acc", "quora_acc", "sts_corr", *sorted(spec.space),
+            "epochs_done", "resumed_from_epoch", "device", "duration", "fail_reason"]
+    df = df[[c for c in dict.fromkeys(keep) if c in df.columns]]
+    return df.sort_values(spec.metric, ascending=spec.direction != "maximize", na_position="last")
+
+
+def print_summary(study: optuna.Study, spec: StudySpec, top: int = 10) -> pd.DataFrame:
+    df = leaderboard(study, spec)
+    counts = trial_counts(study)
+    print(f"\nstudy {spec.name}: {progress_text(study, spec, counts)} | budget {spec.n_trials}")
+    if not df.empty:
+        with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 4):
+            print(df.head(top).to_string(index=False))
+    return df
+
+
+def write_trials_csv(df: pd.DataFrame, name: str) -> Path:
+    path = storage_lib.STORAGE_DIR / f"{name}-trials.csv"
+    df.to_csv(path, index=False)
+    return path
+
+
+def run_dashboard(url: str, host: str, port: int) -> None:
+    from optuna_dashboard import run_server
+
+    logger.info("optuna-dashboard on http://%s:%d (Ctrl-C to stop)", host, port)
+    run_server(storage_lib.open_storage(url, heartbeat=False), host=host, port=port,
+               artifact_store=storage_lib.artifact_store())
+
+
+# ------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", required=True, help="study name (a file in studies/) or path to a .toml")
+    parser.add_argument("--storage", default=None,
+                        help="storage URL (default: $MTBERT_STORAGE, else SQLite in storage/)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker processes here (default: one per visible GPU, else 1 on CPU)")
+    parser.add_argument("--workers-per-gpu", type=int, default=1, help="pack several trials on each GPU")
+    parser.add_argument("--seed", type=int, default=None, help="sampler seed used when creating the study")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--status", action="store_true", help="print progress and leaderboard; run nothing")
+    mode.add_argument("--dashboard", action="store_true", help="start optuna-dashboard on the study's storage")
+    parser.add_argument("--host", default="127.0.0.1", help="dashboard address (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8080, help="dashboard port")
+    add_override_arguments(parser)
+    args = parser.parse_args(argv)
+    configure_logging(args.storage)
+    url = storage_lib.resolve_url(args.storage)
+    try:
+        spec, overrides = load_study_spec(args.study, args)
+        if args.dashboard:
+            run_dashboard(url, args.host, args.port)
+            return 0
+        if args.status:
+            study = optuna.load_study(study_name=spec.name, storage=storage_lib.open_storage(url, heartbeat=False))
+        else:
+            study = open_study(spec, url, overrides, seed=args.seed, role="search")
+    except KeyError:
+        logger.error("no study %r in %s (python search.py --study %s creates it)", spec.name,
+                     storage_lib.redact(url), spec.name)
+        return 2
+    except (StudySpecError, storage_lib.StorageUnavailable) as exc:
+        logger.error("%s", exc)
+        return 2
+
+    if not args.status:
+        devices = worker_devices(args.workers, args.workers_per_gpu)
+        log_dir = storage_lib.STORAGE_DIR / "logs" / spec.name
+        procs = start_workers(spec.name, url, devices, args, log_dir)
+        try:
+            follow(study, spec, procs)
+            for p, _ in procs:  # the budget is met: workers exit by themselves
+                p.wait()
+        except KeyboardInterrupt:
+            logger.warning("stopping workers; their running trials are handed back and resume next time")
+        finally:
+            stop_workers(procs)
+        failed = [i for i, (p, _) in enumerate(procs) if p.returncode not in (0, -signal.SIGTERM)]
+        for i in failed:
+            logger.error("worker %d exited with %s; see %s", i, procs[i][0].returncode, log_dir / f"worker-{i}.log")
+
+    df = print_summary(study, spec)
+    if not df.empty and not args.status:
+        print(f"\ntrials written to {write_trials_csv(df, spec.name)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

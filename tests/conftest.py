@@ -1,0 +1,117 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL fixtures (owner: storage/). A server comes from MTBERT_TEST_PG_URL or
+# a running `storage/postgres.sh start`; without one, tests skip, but fail under CI=true.
+# ---------------------------------------------------------------------------
+
+
+def _no_postgres(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: PostgreSQL tests must not be skipped)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _pg_engine(url: str):
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the project ships psycopg2.
+    u = make_url(url)
+    if u.drivername == "postgresql":
+        u = u.set(drivername="postgresql+psycopg2")
+    return sqlalchemy.create_engine(
+        u, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool,
+        connect_args={"connect_timeout": 5},
+    )
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """URL of a reachable PostgreSQL database (role `mtbert`, may create databases)."""
+    url = os.environ.get("MTBERT_TEST_PG_URL")
+    if not url:
+        script = str(ROOT / "storage" / "postgres.sh")
+        if subprocess.run([script, "status"], capture_output=True).returncode != 0:
+            _no_postgres("PostgreSQL not running: storage/postgres.sh start")
+        url = subprocess.run([script, "url"], capture_output=True, text=True, check=True).stdout
+        url = url.strip().splitlines()[-1]
+    try:
+        with _pg_engine(url).connect():
+            pass
+    except Exception as exc:  # noqa: BLE001 - any failure means "no server"
+        from storage import redact
+
+        _no_postgres(f"PostgreSQL at {redact(url)} unreachable: {type(exc).__name__}")
+    return url
+
+
+@pytest.fixture
+def clean_pg_url(pg_url: str):
+    """URL of a fresh, empty database (created for this test, dropped afterwards)."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    admin = _pg_engine(pg_url)
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+# --------------------------------------------------------------- end PostgreSQL fixtures
+
+
+# ---------------------------------------------------------------------------
+# Trainer fixtures (owner: mtbert/): tiny random BERT, tiny data, the real data.
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_caches(tmp_path_factory):
+    """Token caches of the tests go to a temp folder, never to ~/.cache."""
+    os.environ["MTBERT_CACHE_DIR"] = str(tmp_path_factory.mktemp("token-cache"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    from tiny import write_data
+
+    return write_data(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """../shared/data (or $MTBERT_DATA_DIR); skipped where absent, except under CI."""
+    folder = Path(os.environ.get("MTBERT_DATA_DIR") or ROOT.parent / "shared" / "data")
+    if not (folder / "quora-train.csv").is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the shared data set is missing at {folder}", pytrace=False)
+        pytest.skip(f"the shared data set is not at {folder}")
+    return folder

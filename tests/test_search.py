@@ -1,0 +1,228 @@
+"""The search service: parallel workers against one study, budget, retries, pruning, failures, secrets."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+import storage as storage_lib
+from studies import load_spec
+from tiny import write_data
+from worker import Worker, open_study
+
+ROOT = Path(__file__).resolve().parents[1]
+
+STUDY = """
+description = "test study"
+direction = "maximize"
+metric = "overall"
+n_trials = {n_trials}
+
+[train]
+epochs = {epochs}
+batch_size = 8
+model = "{model}"
+data_dir = "{data}"
+device = "cpu"
+eval_batch_size = 64
+
+[space]
+lr = {{ type = "float", low = 1e-4, high = 1e-2, log = true }}
+hidden_dropout_prob = {{ type = "float", low = 0.0, high = 0.3 }}
+
+[sampler]
+type = "tpe"
+constant_liar = true
+n_startup_trials = 2
+
+[pruner]
+{pruner}
+"""
+
+
+def write_study(folder: Path, name: str, model: Path, data: Path, n_trials: int = 6, epochs: int = 3,
+                pruner: str = 'type = "median"\nn_startup_trials = 1') -> Path:
+    path = folder / f"{name}.toml"
+    path.write_text(STUDY.format(n_trials=n_trials, epochs=epochs, model=model, data=data, pruner=pruner))
+    return path
+
+
+@pytest.fixture
+def env(tmp_path):
+    """Environment of worker processes: fast heartbeats, private checkpoint and artifact folders."""
+    return {**os.environ, "MTBERT_HEARTBEAT_INTERVAL": "1", "MTBERT_HEARTBEAT_GRACE": "3",
+            "MTBERT_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "MTBERT_ARTIFACT_DIR": str(tmp_path / "artifacts"),
+            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'study.db'}"
+    return request.getfixturevalue("clean_pg_url")
+
+
+def start_worker(study_file: Path, url: str, env: dict, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "worker.py"), "--study", str(study_file), "--no-progress",
+                             "--poll-seconds", "0.5", *extra], cwd=ROOT, env={**env, "MTBERT_STORAGE": url},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def load(url: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage_lib.open_storage(url, heartbeat=False))
+
+
+def assert_budget_met_exactly(study: optuna.Study, budget: int, epochs: int) -> None:
+    trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == budget
+    assert sorted(t.number for t in trials) == list(range(len(trials)))  # none lost, none duplicated
+    for t in finished:
+        steps = sorted(t.intermediate_values)
+        expected = epochs if t.state == TrialState.COMPLETE else steps[-1]
+        assert steps == list(range(1, expected + 1)), (t.number, steps)
+
+
+def test_three_workers_meet_the_budget_exactly(tmp_path, tiny_model, tiny_data, storage_url, env):
+    study_file = write_study(tmp_path, "par", tiny_model, tiny_data, n_trials=7, epochs=3)
+    procs = [start_worker(study_file, storage_url, env) for _ in range(3)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    study = load(storage_url, "par")
+    assert_budget_met_exactly(study, 7, 3)
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    for t in complete:
+        assert {"sst_acc", "quora_acc", "sts_corr", "device", "checkpoint", "epoch_seconds"} <= set(t.user_attrs)
+        assert len(t.user_attrs["epoch_seconds"]) == 3
+    # disk stays bounded: only the best complete trial keeps its checkpoint
+    kept = sorted(p.name for p in (tmp_path / "ckpt" / "par").iterdir())
+    best = max(complete, key=lambda t: t.value)
+    assert kept == [Path(best.user_attrs["checkpoint"]).name]
+
+
+def test_a_killed_worker_s_trial_is_retried_and_resumes_from_its_checkpoint(tmp_path, tiny_model, env):
+    data = write_data(tmp_path / "data", n_train=1200, n_dev=24, malformed=False)  # ~1 s epochs
+    study_file = write_study(tmp_path, "kill", tiny_model, data, n_trials=2, epochs=5, pruner='type = "none"')
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    victim = start_worker(study_file, url, env)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            running = load(url, "kill").get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        except KeyError:  # the worker has not created the study yet
+            continue
+        if running and running[0].user_attrs.get("epochs_done", 0) >= 2:
+            break
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    helpers = [start_worker(study_file, url, env) for _ in range(2)]
+    for p in helpers:
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, out
+    study = load(url, "kill")
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 1 and failed[0].number == 0
+    retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == 0)
+    assert retry.state == TrialState.COMPLETE
+    resumed = retry.user_attrs["resumed_from_epoch"]
+    assert resumed >= 2
+    assert len(retry.user_attrs["epoch_seconds"]) == 5 - resumed  # only the missing epochs were trained
+    assert sorted(retry.intermediate_values) == [1, 2, 3, 4, 5]
+    assert retry.params == failed[0].params
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 2
+
+
+def test_a_deliberately_bad_trial_is_pruned(tmp_path, tiny_model, tiny_data):
+    study_file = write_study(tmp_path, "prune", tiny_model, tiny_data, n_trials=4, epochs=3,
+                             pruner='type = "median"\nn_startup_trials = 2\nn_warmup_steps = 0')
+    spec = load_spec(study_file)
+    study = open_study(spec, f"sqlite:///{tmp_path / 'p.db'}", {})
+    for lr in (1e-2, 1e-2):
+        study.enqueue_trial({"lr": lr, "hidden_dropout_prob": 0.0})
+    study.enqueue_trial({"lr": 1e-4, "hidden_dropout_prob": 0.0})  # 100x lower: learns next to nothing
+    Worker(study, spec, device="cpu", progress=False, checkpoint_root=tmp_path / "ck").run()
+    states = [t.state for t in study.trials]
+    assert states[:2] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert states[2] == TrialState.PRUNED
+    assert len(study.trials[2].intermediate_values) < 3  # stopped before its last epoch
+
+
+def test_oom_and_nan_fail_their_trial_and_the_worker_goes_on(tmp_path, tiny_model, tiny_data, monkeypatch):
+    import mtbert.train
+
+    from mtbert.train import NonFiniteLossError
+
+    real_train = mtbert.train.train
+    calls = []
+
+    def flaky_train(cfg, *args, **kwargs):
+        calls.append(cfg.lr)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        if len(calls) == 2:
+            raise NonFiniteLossError(step=7, epoch=1)
+        return real_train(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(mtbert.train, "train", flaky_train)
+    study_file = write_study(tmp_path, "flaky", tiny_model, tiny_data, n_trials=2, epochs=1, pruner='type = "none"')
+    spec = load_spec(study_file)
+    study = open_study(spec, f"sqlite:///{tmp_path / 'f.db'}", {})
+    ran = Worker(study, spec, device="cpu", progress=False, checkpoint_root=tmp_path / "ck").run()
+    assert ran == 4
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert "OutOfMemoryError" in study.trials[0].user_attrs["fail_reason"]
+    assert "NaN or infinite at step 7" in study.trials[1].user_attrs["fail_reason"]
+
+
+def test_bad_study_file_is_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('direction = "maximize"\nmetric = "overall"\nn_trials = 3\n[space]\n'
+                   'lr = { type = "float", low = 0.1, high = 0.01 }\n')
+    for script in ("worker.py", "search.py"):
+        proc = subprocess.run([sys.executable, script, "--study", str(bad)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2
+        assert "bad.toml: space.lr: low (0.1) > high (0.01)" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_unreachable_storage_is_one_clear_error_without_the_password(tmp_path):
+    url = "postgresql://mtbert:s3cr3t-pw@127.0.0.1:1/mtbert"
+    for script, extra in (("worker.py", []), ("search.py", []), ("search.py", ["--status"])):
+        proc = subprocess.run([sys.executable, script, "--study", "quickstart", "--storage", url, *extra], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "cannot reach storage postgresql://mtbert:***@127.0.0.1:1/mtbert" in proc.stderr
+        assert "s3cr3t-pw" not in proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_search_runs_a_study_and_never_shows_the_password(tmp_path, tiny_model, tiny_data, clean_pg_url, env):
+    study_file = write_study(tmp_path, "demo", tiny_model, tiny_data, n_trials=2, epochs=1)
+    password = storage_lib._parse(clean_pg_url).password
+    assert password
+    env = {**env, "MTBERT_STORAGE": clean_pg_url}
+    proc = subprocess.run([sys.executable, "search.py", "--study", str(study_file), "--workers", "2"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "study demo: complete" in proc.stdout and "budget 2" in proc.stdout
+    status = subprocess.run([sys.executable, "search.py", "--study", str(study_file), "--status", "--storage",
+                             clean_pg_url], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "budget 2" in status.stdout
+    logs = "".join(p.read_text() for p in (ROOT / "storage" / "logs" / "demo").glob("*.log"))
+    for text in (proc.stdout, proc.stderr, status.stdout, status.stderr, logs):
+        assert password not in text
+    study = load(clean_pg_url, "demo")
+    assert study.user_attrs["spec"]["name"] == "demo"

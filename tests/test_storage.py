@@ -1,0 +1,216 @@
+"""Tests for the storage package (SQLite always; PostgreSQL via the pg fixtures)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing
+import os
+import time
+import uuid
+
+import optuna
+import pytest
+from sqlalchemy import text
+
+import storage
+from storage import StorageUnavailable, open_storage, redact, resolve_url, trial_slot_lock
+
+
+@pytest.fixture(autouse=True)
+def _fast_heartbeat(monkeypatch):
+    monkeypatch.setenv("MTBERT_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("MTBERT_HEARTBEAT_GRACE", "3")
+
+
+# ----------------------------------------------------------------------------- URLs
+
+
+def test_resolve_url_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("MTBERT_STORAGE", raising=False)
+    assert resolve_url() == storage.DEFAULT_URL
+    assert storage.DEFAULT_URL == f"sqlite:///{storage.STORAGE_DIR / 'mtbert.db'}"
+    monkeypatch.setenv("MTBERT_STORAGE", "postgresql://u:p@h/db")
+    assert resolve_url() == "postgresql://u:p@h/db"
+    assert resolve_url("sqlite:///x.db") == "sqlite:///x.db"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_url("sub/a.db") == f"sqlite:///{tmp_path / 'sub' / 'a.db'}"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://mtbert:s3cret@127.0.0.1:5433/mtbert",
+        "postgresql+psycopg2://mtbert:s3cret@db.example:5432/x?sslmode=require",
+        "postgresql://mtbert:s3cr%40et@127.0.0.1:bad-port/mtbert",  # unparsable port
+        "weird://mtbert:s3cret@@host/",
+    ],
+)
+def test_redact_hides_password(url):
+    shown = redact(url)
+    assert "s3cr" not in shown and "***" in shown
+
+
+@pytest.mark.parametrize("url", ["sqlite:////tmp/x.db", "sqlite://", "", "::::", "not a url"])
+def test_redact_never_raises(url):
+    assert isinstance(redact(url), str)
+    assert redact("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+
+# ----------------------------------------------------------------------------- SQLite
+
+
+def test_open_sqlite_wal_and_heartbeat(tmp_path):
+    st = open_storage(str(tmp_path / "new" / "s.db"))
+    assert (tmp_path / "new" / "s.db").exists()
+    with st.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA synchronous")).scalar() == 1  # NORMAL
+    assert st.get_heartbeat_interval() == 1 and st.grace_period == 3
+    callback = st.get_heartbeat_stale_trial_callback()
+    assert isinstance(callback, optuna.storages.RetryHeartbeatStaleTrialCallback)
+    assert open_storage(str(tmp_path / "h.db"), heartbeat=False).get_heartbeat_interval() is None
+
+
+def test_open_storage_silences_experimental_warning(tmp_path, recwarn):
+    open_storage(str(tmp_path / "w.db"))
+    assert not [w for w in recwarn if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "url, reason",
+    [
+        ("postgresql://mtbert:hunter2@127.0.0.1:1/x", "connection refused"),
+        ("nosuchdb://mtbert:hunter2@127.0.0.1/x", "unsupported URL scheme"),
+        ("sqlite:////proc/hunter2/nope/x.db", "hunter2"),  # path, not a password
+    ],
+)
+def test_storage_unavailable(url, reason):
+    with pytest.raises(StorageUnavailable) as info:
+        open_storage(url)
+    exc, message = info.value, str(info.value)
+    assert redact(url) in message and reason in message
+    assert "\n" not in message
+    if "@" in url:
+        assert "hunter2" not in message
+    assert exc.__cause__ is None and exc.__suppress_context__
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+def test_secret_filter_scrubs_logs(caplog):
+    url = "postgresql://mtbert:t0p-s%40cret@127.0.0.1:5433/mtbert"  # password "t0p-s@cret"
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        storage.install_secret_filter(url)
+        storage.install_secret_filter(url)  # idempotent
+        late = logging.StreamHandler(stream)  # a handler added after installing
+        child = logging.getLogger("mtbert.test.child")
+        child.addHandler(late)
+        with caplog.at_level(logging.INFO):
+            child.info("connecting to %s (pw=%s)", url, "t0p-s@cret")
+            try:
+                raise RuntimeError("boom t0p-s@cret")
+            except RuntimeError:
+                child.exception("failed")
+        child.removeHandler(late)
+    finally:
+        root.removeHandler(handler)
+    out = stream.getvalue() + caplog.text
+    assert "connecting to" in out and "boom" in out
+    assert "t0p-s" not in out
+    assert out.count("mtbert:***@127.0.0.1") >= 2
+
+
+# ----------------------------------------------------------------------------- locking
+
+
+def _hold_lock(url: str, study: str, out: str, barrier, rounds: int) -> None:
+    st = open_storage(url, heartbeat=False)
+    barrier.wait()
+    for _ in range(rounds):
+        with trial_slot_lock(st, study):
+            start = time.monotonic()
+            time.sleep(0.03)
+            end = time.monotonic()
+            with open(out, "a") as f:
+                f.write(f"{os.getpid()} {start} {end}\n")
+
+
+def _assert_exclusive(url: str, tmp_path, workers: int = 3, rounds: int = 4) -> None:
+    ctx = multiprocessing.get_context("fork")
+    out = str(tmp_path / "intervals.txt")
+    barrier = ctx.Barrier(workers)
+    study = f"lock-{uuid.uuid4().hex[:6]}"
+    procs = [
+        ctx.Process(target=_hold_lock, args=(url, study, out, barrier, rounds))
+        for _ in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    rows = sorted(
+        (float(s), float(e), pid) for pid, s, e in (line.split() for line in open(out))
+    )
+    assert len(rows) == workers * rounds and len({pid for *_, pid in rows}) == workers
+    for (_, prev_end, _), (start, _, _) in zip(rows, rows[1:]):
+        assert start >= prev_end, "two processes held the trial slot lock at once"
+
+
+def test_trial_slot_lock_sqlite(tmp_path):
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    _assert_exclusive(url, tmp_path)
+    assert list(tmp_path.glob("l.db.lock-*.lock"))
+
+
+def test_trial_slot_lock_reentrant(tmp_path):
+    st = open_storage(str(tmp_path / "r.db"), heartbeat=False)
+    with trial_slot_lock(st, "s"), trial_slot_lock(st, "s"):
+        pass
+    for _ in range(3):
+        with trial_slot_lock(st, "s"):
+            pass
+    with trial_slot_lock(open_storage("sqlite://", heartbeat=False), "mem"):
+        pass
+
+
+def test_trial_slot_lock_postgres(clean_pg_url, tmp_path):
+    _assert_exclusive(clean_pg_url, tmp_path)
+    st = open_storage(clean_pg_url, heartbeat=False)
+    with trial_slot_lock(st, "s"), trial_slot_lock(st, "s"):
+        pass
+    with st.engine.connect() as conn:  # released: no advisory locks left behind
+        assert conn.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")).scalar() == 0
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+
+
+def test_postgres_round_trip(clean_pg_url):
+    st = open_storage(clean_pg_url)
+    assert st.get_heartbeat_interval() == 1
+    study = optuna.create_study(study_name="rt", storage=st, direction="maximize")
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)})
+    study.tell(trial, 0.5)
+    again = optuna.load_study(study_name="rt", storage=open_storage(clean_pg_url))
+    (frozen,) = again.get_trials()
+    assert frozen.state == optuna.trial.TrialState.COMPLETE and frozen.value == 0.5
+    assert 1e-5 <= frozen.params["lr"] <= 1e-3
+
+
+def test_postgres_bad_password(pg_url):
+    from sqlalchemy.engine import make_url
+
+    bad = make_url(pg_url).set(password="wr0ng-pw").render_as_string(hide_password=False)
+    with pytest.raises(StorageUnavailable, match="password authentication failed") as info:
+        open_storage(bad)
+    assert "wr0ng-pw" not in str(info.value)

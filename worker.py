@@ -1,0 +1,312 @@
+"""Join a study and run its trials until the study's global budget is met.
+
+    python worker.py --study lr_dropout                                # this machine, SQLite
+    python worker.py --study lr_dropout --storage postgresql://... --gpu 1
+
+Each trial: sample the study's space, train mtbert, report the study's metric after every epoch,
+stop when the pruner says so. A trial whose worker died is retried (heartbeats) and resumes from
+its last epoch checkpoint. SIGINT/SIGTERM hand the running trial back for retry and exit.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+import warnings
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages._heartbeat import get_heartbeat_thread  # the same heartbeat study.optimize runs
+from optuna.trial import TrialState
+
+import storage as storage_lib
+from studies import StudySpec, StudySpecError, load_spec
+
+logger = logging.getLogger("worker")
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+OVERRIDE_FLAGS = ("n_trials", "epochs", "max_examples", "model", "data_dir")
+
+
+class WorkerInterrupted(BaseException):
+    """SIGINT/SIGTERM while a trial runs: hand the trial back for retry."""
+
+
+def add_override_arguments(parser: argparse.ArgumentParser) -> None:
+    """The study-file overrides shared by worker.py and search.py."""
+    group = parser.add_argument_group("overrides of the study file, recorded on the study")
+    group.add_argument("--n-trials", type=int, help="global budget of finished (complete or pruned) trials")
+    group.add_argument("--epochs", type=int, help="epochs per trial")
+    group.add_argument("--max-examples", type=int, help="examples per task and split (0 = all)")
+    group.add_argument("--model", help="HF model id or local folder")
+    group.add_argument("--data-dir", help="CS224N-format data folder")
+
+
+def load_study_spec(name: str, args: argparse.Namespace) -> tuple[StudySpec, dict[str, Any]]:
+    return load_spec(name).with_overrides(**{k: getattr(args, k) for k in OVERRIDE_FLAGS})
+
+
+def open_study(spec: StudySpec, url: str | None, overrides: dict[str, Any], seed: int | None = None,
+               role: str = "worker") -> optuna.Study:
+    """Create or load the study in storage; record the spec and this run's overrides on it."""
+    rdb = storage_lib.open_storage(url)
+    study = optuna.create_study(study_name=spec.name, storage=rdb, direction=spec.direction,
+                                sampler=spec.make_sampler(seed), pruner=spec.make_pruner(), load_if_exists=True)
+    attrs = study.user_attrs
+    if "spec" not in attrs:
+        study.set_user_attr("spec", spec.to_dict())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([spec.metric])
+    if overrides:
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        study.set_user_attr(f"overrides {stamp} {role}@{socket.gethostname()}:{os.getpid()}", overrides)
+    return study
+
+
+def rdb_storage(study: optuna.Study) -> optuna.storages.RDBStorage:
+    """The RDBStorage under the study's cache wrapper (what storage.trial_slot_lock needs)."""
+    return getattr(study._storage, "_backend", study._storage)
+
+
+def trial_counts(study: optuna.Study) -> Counter:
+    return Counter(t.state for t in study.get_trials(deepcopy=False))
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    from mtbert.train import resolve_device
+
+    d = resolve_device(device)
+    return torch.cuda.get_device_name(d) if d.type == "cuda" else "cpu"
+
+
+class Worker:
+    """Runs trials of one study; see the module docstring."""
+
+    def __init__(self, study: optuna.Study, spec: StudySpec, device: str | None = None, progress: bool = True,
+                 max_failures: int = 3, poll_seconds: float = 5.0, checkpoint_root: Path | None = None):
+        self.study, self.spec, self.device = study, spec, device
+        self.progress, self.max_failures, self.poll_seconds = progress, max_failures, poll_seconds
+        self.checkpoint_root = (checkpoint_root or storage_lib.checkpoint_dir()) / spec.name
+        self.prepared = None  # tokenizer, pretrained encoder and data: loaded once, shared by trials
+        self.stop_requested = False
+        self.in_trial = False
+        self.gave_up = False
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> int:
+        """Run trials until the budget is met, a stop is requested or `max_failures` trials in a row
+        failed (then self.gave_up is set); return how many trials this worker ran."""
+        ran, failures = 0, 0
+        while not self.stop_requested:
+            trial = self.claim()
+            if trial == "done":
+                break
+            if trial == "wait":  # every remaining slot is running elsewhere; wait in case one dies
+                time.sleep(self.poll_seconds)
+                continue
+            if self.stop_requested:  # a signal came while claiming
+                self.hand_back(trial)
+                break
+            state = self.run_trial(trial)
+            ran += 1
+            failures = failures + 1 if state == TrialState.FAIL else 0
+            if failures >= self.max_failures:
+                logger.error("%d trials in a row failed; this worker stops", failures)
+                self.gave_up = True
+                break
+        return ran
+
+    def claim(self) -> optuna.Trial | str:
+        """Under the study's lock: retry dead trials, then start one only if the budget allows."""
+        with storage_lib.trial_slot_lock(rdb_storage(self.study), self.study.study_name):
+            fail_stale_trials(self.study)
+            counts = trial_counts(self.study)
+            finished = sum(counts[s] for s in FINISHED)
+            if finished >= self.spec.n_trials:
+                return "done"
+            if finished + counts[TrialState.RUNNING] >= self.spec.n_trials:
+                return "wait"
+            return self.study.ask()
+
+    def run_trial(self, trial: optuna.Trial) -> TrialState:
+        with get_heartbeat_thread(trial._trial_id, self.study._storage):
+            try:
+                self.in_trial = True
+                value = self.train_trial(trial)
+                state = TrialState.COMPLETE
+            except optuna.TrialPruned as exc:
+                state, value = TrialState.PRUNED, None
+                logger.info("trial %d pruned: %s", trial.number, exc)
+            except WorkerInterrupted:
+                self.in_trial = False
+                self.hand_back(trial)
+                self.stop_requested = True
+                return TrialState.RUNNING
+            except Exception as exc:  # OOM, NaN loss, bad data...: this trial fails, the worker goes on
+                state, value = TrialState.FAIL, None
+                reason = f"{type(exc).__name__}: {exc}"
+                trial.set_user_attr("fail_reason", reason[:2000])
+                logger.error("trial %d failed: %s", trial.number, reason)
+                free_accelerator_memory()
+            finally:
+                self.in_trial = False
+        frozen = self.study.tell(trial, value, state=state)
+        if state == TrialState.COMPLETE:
+            logger.info("trial %d complete: %s %.4f", trial.number, self.spec.metric, value)
+        self.cleanup_checkpoints(frozen)
+        return state
+
+    def hand_back(self, trial: optuna.Trial) -> None:
+        """Fail the trial now and queue its retry (it resumes from its checkpoint) under the lock."""
+        with storage_lib.trial_slot_lock(rdb_storage(self.study), self.study.study_name):
+            trial.set_user_attr("fail_reason", "worker stopped by a signal; retried")
+            frozen = self.study.tell(trial, state=TrialState.FAIL)
+            retry = getattr(self.study._storage, "get_heartbeat_stale_trial_callback", lambda: None)()
+            if retry is not None:
+                retry(self.study, frozen)
+        logger.warning("trial %d handed back for retry", trial.number)
+
+    # ------------------------------------------------------------ one trial
+
+    def train_trial(self, trial: optuna.Trial) -> float:
+        from mtbert.config import TrainConfig
+        from mtbert.train import prepare, train
+
+        values = self.spec.suggest(trial)
+        cfg = TrainConfig().replace(**{**values, **({"device": self.device} if self.device else {})})
+        if self.prepared is None or not self.prepared.matches(cfg):
+            self.prepared = prepare(cfg)
+        history = RetryHeartbeatStaleTrialCallback.retry_history(trial.study._storage.get_trial(trial._trial_id))
+        root = history[0] if history else trial.number
+        out = self.checkpoint_root / f"trial-{root}"
+        trial.set_user_attr("checkpoint", str(out))
+        trial.set_user_attr("device", device_name(cfg.device))
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("config", cfg.to_dict())
+        epoch_seconds: list[float] = []
+
+        def on_epoch(result) -> None:
+            value = result.metrics[self.spec.metric]
+            if result.resumed:
+                trial.set_user_attr("resumed_from_epoch", result.epoch)
+            else:
+                epoch_seconds.append(round(result.seconds, 2))
+            for key in ("sst_acc", "quora_acc", "sts_corr", "overall"):
+                trial.set_user_attr(key, result.metrics[key])
+            trial.set_user_attr("epochs_done", result.epoch)
+            trial.set_user_attr("epoch_seconds", epoch_seconds)
+            with warnings.catch_warnings():  # a resumed epoch may have been reported before the crash
+                warnings.simplefilter("ignore")
+                trial.report(value, result.epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {result.epoch}: {self.spec.metric} {value:.4f}")
+
+        logger.info("trial %d%s: %s", trial.number, f" (retry of {root})" if history else "", trial.params)
+        results = train(cfg, self.prepared, out_dir=out, callback=on_epoch, resume=True, progress=self.progress)
+        return results[-1].metrics[self.spec.metric]
+
+    # ------------------------------------------------------------ disk
+
+    def cleanup_checkpoints(self, finished: optuna.trial.FrozenTrial) -> None:
+        """Keep only the checkpoints of the study's best `keep_best` complete trials."""
+        if finished.state != TrialState.COMPLETE:
+            remove(finished.user_attrs.get("checkpoint"))
+            return
+        complete = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if t.value is not None and t.user_attrs.get("checkpoint")]
+        complete.sort(key=lambda t: t.value, reverse=self.spec.direction == "maximize")
+        keep = {t.user_attrs["checkpoint"] for t in complete[: self.spec.keep_best]}
+        for t in complete[self.spec.keep_best:]:
+            if t.user_attrs["checkpoint"] not in keep:
+                remove(t.user_attrs["checkpoint"])
+
+    # ------------------------------------------------------------ signals
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            logger.warning("%s received: stopping after handing back the running trial",
+                           signal.Signals(signum).name)
+            self.stop_requested = True
+            if self.in_trial:
+                raise WorkerInterrupted()
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+def remove(path: str | None) -> None:
+    if path and Path(path).exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def free_accelerator_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def configure_logging(url: str | None, quiet: bool = False) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # we run trials with ask/tell and start optuna's heartbeat thread ourselves (Worker.run_trial)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    storage_lib.install_secret_filter(storage_lib.resolve_url(url))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", required=True, help="study name (a file in studies/) or path to a .toml")
+    parser.add_argument("--storage", default=None,
+                        help="storage URL (default: $MTBERT_STORAGE, else SQLite in storage/)")
+    parser.add_argument("--gpu", type=int, default=None, help="GPU index to train on (sets --device cuda:I)")
+    parser.add_argument("--device", default=None,
+                        help="'cpu', 'cuda', 'cuda:1', ... (default: the study file's, else GPU if any)")
+    parser.add_argument("--seed", type=int, default=None, help="sampler seed (default: the study file's, else random)")
+    parser.add_argument("--max-failures", type=int, default=3, help="stop after this many failed trials in a row")
+    parser.add_argument("--poll-seconds", type=float, default=5.0,
+                        help="wait between checks when all remaining trials run elsewhere")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no per-epoch progress bars")
+    add_override_arguments(parser)
+    args = parser.parse_args(argv)
+    configure_logging(args.storage)
+    device = f"cuda:{args.gpu}" if args.gpu is not None else args.device
+    try:
+        spec, overrides = load_study_spec(args.study, args)
+        study = open_study(spec, args.storage, overrides, seed=args.seed)
+    except (StudySpecError, storage_lib.StorageUnavailable) as exc:
+        logger.error("%s", exc)
+        return 2
+    worker = Worker(study, spec, device=device, progress=args.progress, max_failures=args.max_failures,
+                    poll_seconds=args.poll_seconds)
+    worker.install_signal_handlers()
+    ran = worker.run()
+    counts = trial_counts(study)
+    logger.info("worker done: ran %d trial(s); study %s has %d complete, %d pruned, %d failed of %d", ran,
+                spec.name, counts[TrialState.COMPLETE], counts[TrialState.PRUNED], counts[TrialState.FAIL],
+                spec.n_trials)
+    return 1 if worker.gave_up else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
