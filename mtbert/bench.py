@@ -5,8 +5,9 @@
 
 The naive reference (written here, same model, data and process): fp32, tokenises its sentences
 every step, one encoder call per sentence list (5 per step), random batches, `.item()` every step.
-The project's step: pre-tokenised length-bucketed batches, one fused forward, bf16 autocast and
-fused AdamW on CUDA, no host sync per step. Prints a table and one JSON line per measurement.
+The project's step: pre-tokenised length-bucketed batches, bf16 autocast and fused AdamW on CUDA,
+no host sync per step; on CUDA one fused forward ("project") or sentences packed several to a row
+("project+packing"), optionally compiled. Prints one JSON line per measurement, then a table.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from .config import TrainConfig, resolve_data_dir
 from .data import TASKS, RawTask, TaskStream, load_splits, read_task, task_path
 from .model import MultitaskBert, load_pretrained
+from .inputs import input_mode
 from .train import build_optimizer, resolve_device, train_step
 
 logger = logging.getLogger(__name__)
@@ -111,25 +113,21 @@ def run_project(model, data, cfg: TrainConfig, device, steps: int, warmup: int, 
     streams = {t: TaskStream(data[t], cfg.batch_size, cfg.seed, round_to) for t in TASKS}
     optimizer, scheduler = build_optimizer(model, cfg, device, total_steps=10 ** 9)
     amp = cfg.amp and device.type == "cuda"
+    mode = input_mode(device, cfg.packing)
     model.train()
-    counts = []
+    sentences = tokens = 0
     for step in range(warmup + steps):
         if step == warmup:
             sync(device)
             t0 = time.perf_counter()
         batches = [streams[t].batch(step) for t in TASKS]
-        train_step(model, optimizer, scheduler, data, batches, amp, cfg.max_grad_norm)
-        if step >= warmup:
-            counts.append([(data[b.task], b) for b in batches])
+        train_step(model, optimizer, scheduler, streams, batches, amp, cfg.max_grad_norm, mode)
+        if step >= warmup:  # counted on the host, from host-side lengths: no sync
+            pieces = [p for b in batches for p in streams[b.task].pieces(b)]
+            sentences += sum(len(p.host_lengths) for p in pieces)
+            tokens += sum(int(p.host_lengths.sum()) for p in pieces)
     sync(device)
-    seconds = time.perf_counter() - t0
-    sentences = tokens = 0
-    for step_batches in counts:  # counted after timing: reading lengths back would sync
-        for d, b in step_batches:
-            rows = b.rows.cpu()
-            sentences += len(rows) * len(d.columns)
-            tokens += sum(int(c.lengths[rows.to(c.lengths.device)].sum()) for c in d.columns)
-    return Measurement(name, cfg.batch_size, steps, seconds, sentences, tokens, 0.0)
+    return Measurement(name, cfg.batch_size, steps, time.perf_counter() - t0, sentences, tokens, 0.0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16], help="examples per task per step")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on CPU, 100 on CUDA)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3 CPU, 20 CUDA)")
-    parser.add_argument("--compile", action="store_true", help="also measure the project's step with --compile")
+    parser.add_argument("--compile", action="store_true",
+                        help="CUDA: also measure the compiled step (largest batch size only: compiling is slow)")
     parser.add_argument("--no-reference", action="store_true", help="skip the naive reference")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--device", default="auto")
@@ -169,26 +168,33 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for bs in args.batch_sizes:
-        cfg = TrainConfig(batch_size=bs, device=str(device))
         variants = [] if args.no_reference else ["reference"]
-        variants += ["project"] + (["project+compile"] if args.compile and cuda else [])
+        variants += ["project"] + (["project+packing"] if cuda else [])
+        if args.compile and cuda and bs == max(args.batch_sizes):  # compiling is slow: largest batch only
+            variants += ["project+compile", "project+packing+compile"]
         for variant in variants:
+            cfg = TrainConfig(batch_size=bs, device=str(device), packing="packing" in variant)
             torch.manual_seed(0)
             model = MultitaskBert(copy.deepcopy(encoder), cfg).to(device)
-            if variant == "reference":
-                m = run_reference(model, tokenizer, raw, cfg, device, steps, warmup)
-            else:
-                if variant.endswith("compile"):
-                    model.encoder.compile(dynamic=True)
-                m = run_project(model, data, cfg, device, steps, warmup + (30 if variant.endswith("compile") else 0),
-                                variant)
+            try:
+                if variant == "reference":
+                    m = run_reference(model, tokenizer, raw, cfg, device, steps, warmup)
+                else:
+                    compiled = variant.endswith("compile")
+                    if compiled:
+                        model.encoder.compile(dynamic=True)
+                    m = run_project(model, data, cfg, device, steps, warmup + (30 if compiled else 0), variant)
+            except Exception as exc:  # one broken variant must not lose the others' numbers
+                logger.error("%s at batch %d failed: %s: %s", variant, bs, type(exc).__name__, exc)
+                continue
+            finally:
+                del model
+                if cuda:
+                    torch.cuda.empty_cache()
             m.flops = m.tokens * per_token
             row = {"device": name, **m.row(peak)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-            del model
-            if cuda:
-                torch.cuda.empty_cache()
 
     print(f"\n{'variant':<18}{'batch':>6}{'sent/s':>10}{'tok/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'x ref':>7}")
     for r in rows:

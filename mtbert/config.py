@@ -50,6 +50,8 @@ class TrainConfig:
     device: str = _opt("auto", "'auto', 'cpu', 'cuda', 'cuda:1', ...")
     amp: bool = _opt(True, "bf16 autocast on CUDA (never on CPU, where bf16 is ~20x slower)")
     compile: bool = _opt(False, "torch.compile the encoder (CUDA)")
+    packing: bool = _opt(False, "CUDA: pack several sentences per row (block-diagonal attention) instead of "
+                                "padding the step to its longest sentence")
     eval_batch_size: int = _opt(256, "sentences per evaluation forward pass")
     log_every: int = _opt(50, "steps between loss/NaN checks on CUDA (each one syncs the GPU)")
 

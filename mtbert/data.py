@@ -231,31 +231,7 @@ class Batch:
     task: str
     rows: torch.Tensor
     lengths: tuple[int, ...]
-
-
-Piece = tuple[Encoded, torch.Tensor, int]  # (sentence column, rows, padded length)
-
-
-def padded(pieces: list[Piece]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One encoder input from several (column, rows) pieces, padded to the longest: ids and mask."""
-    length = max(p[2] for p in pieces)
-    ids = []
-    for column, rows, _ in pieces:
-        part = column.ids[rows, :length]
-        if part.shape[1] < length:  # another piece of this input is longer than this whole column
-            part = torch.nn.functional.pad(part, (0, length - part.shape[1]))
-        ids.append(part)
-    lengths = torch.cat([column.lengths[rows] for column, rows, _ in pieces])
-    mask = torch.arange(length, device=lengths.device) < lengths.unsqueeze(1)
-    return torch.cat(ids), mask.long()
-
-
-def embed_pieces(model, pieces: list[Piece], fuse: bool) -> list[torch.Tensor]:
-    """Sentence vectors of each piece. fuse: one forward pass for all (on a GPU, launches dominate);
-    else one per piece at its own length (on a CPU, padding dominates)."""
-    groups = [pieces] if fuse else [[p] for p in pieces]
-    vecs = [model.embed(*padded(g)) for g in groups]
-    return list(torch.cat(vecs).split([len(rows) for _, rows, _ in pieces]))
+    host_rows: np.ndarray  # the same rows on the host: lengths are read here, never from the GPU
 
 
 class TaskStream:
@@ -276,7 +252,7 @@ class TaskStream:
         self.batches_per_pass = -(-len(data) // batch_size)
         self._pass = -1
         self._rows: torch.Tensor | None = None
-        self._plan: list[tuple[int, int, int]] = []
+        self._plan: list[tuple[int, int, tuple[int, ...], np.ndarray]] = []
 
     def _build(self, pass_index: int) -> None:
         seed = (self.seed, TASKS.index(self.data.task), pass_index)
@@ -289,7 +265,7 @@ class TaskStream:
         r = self.round_to
         for b in batches:
             lengths = tuple(-(-int(c[b].max()) // r) * r for c in self.column_lengths)
-            self._plan.append((start, start + len(b), lengths))
+            self._plan.append((start, start + len(b), lengths, b))
             start += len(b)
         self._pass = pass_index
 
@@ -297,5 +273,12 @@ class TaskStream:
         pass_index, i = divmod(step, self.batches_per_pass)
         if pass_index != self._pass:
             self._build(pass_index)
-        start, end, lengths = self._plan[i]
-        return Batch(self.data.task, self._rows[start:end], lengths)
+        start, end, lengths, host_rows = self._plan[i]
+        return Batch(self.data.task, self._rows[start:end], lengths, host_rows)
+
+    def pieces(self, batch: Batch) -> list["Piece"]:
+        """The encoder inputs of a batch: one piece per sentence column."""
+        from .inputs import Piece
+
+        return [Piece(c, batch.rows, n, lengths[batch.host_rows])
+                for c, n, lengths in zip(self.data.columns, batch.lengths, self.column_lengths)]

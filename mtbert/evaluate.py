@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import TASKS, TaskData, embed_pieces, load_task, sorted_batches, task_path
+from .data import TASKS, TaskData, load_task, sorted_batches, task_path
+from .inputs import Piece, embed_pieces, input_mode
 
 logger = logging.getLogger(__name__)
 
@@ -42,19 +43,21 @@ def summarize(sst_acc: float, quora_acc: float, sts_corr: float) -> dict[str, fl
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, data: TaskData, batch_size: int = 256, amp: bool = False) -> np.ndarray:
+def predict(model: nn.Module, data: TaskData, batch_size: int = 256, amp: bool = False,
+            mode: str | None = None) -> np.ndarray:
     """Predictions in data order: class ids (SST), 0/1 (Quora) or 0-5 scores (STS)."""
     model.eval()
     device = data.columns[0].ids.device
+    mode = mode or input_mode(device, packing=False)
     per_batch = max(1, batch_size // len(data.columns))
     outputs = []
     order = sorted_batches(data.max_lengths, per_batch)
     column_lengths = [c.lengths.cpu().numpy() for c in data.columns]
     for b in order:
         rows = torch.from_numpy(b).to(device)
-        pieces = [(c, rows, int(n[b].max())) for c, n in zip(data.columns, column_lengths)]
+        pieces = [Piece(c, rows, int(n[b].max()), n[b]) for c, n in zip(data.columns, column_lengths)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            vecs = [v.float() for v in embed_pieces(model, pieces, fuse=device.type == "cuda")]
+            vecs = [v.float() for v in embed_pieces(model, pieces, mode)]
         if data.task == "sst":
             out = model.sentiment_logits(vecs[0]).argmax(-1)
         else:
@@ -73,9 +76,10 @@ def score(task: str, pred: np.ndarray, labels: torch.Tensor) -> float:
     return pearson(pred, gold) if task == "sts" else accuracy(pred, gold)
 
 
-def evaluate(model: nn.Module, dev: dict[str, TaskData], batch_size: int = 256, amp: bool = False) -> dict[str, float]:
+def evaluate(model: nn.Module, dev: dict[str, TaskData], batch_size: int = 256, amp: bool = False,
+             mode: str | None = None) -> dict[str, float]:
     """Dev metrics of all three tasks (see summarize)."""
-    scores = {t: score(t, predict(model, dev[t], batch_size, amp), dev[t].labels) for t in TASKS}
+    scores = {t: score(t, predict(model, dev[t], batch_size, amp, mode), dev[t].labels) for t in TASKS}
     return summarize(scores["sst"], scores["quora"], scores["sts"])
 
 

@@ -113,6 +113,17 @@ class MultitaskBert(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
+    def embed_packed(self, packed) -> torch.Tensor:
+        """Sentence vectors of a packed batch (mtbert.inputs.pack): same values as embed()."""
+        hidden = self.encoder(input_ids=packed.ids, attention_mask=packed.mask,
+                              position_ids=packed.position_ids).last_hidden_state
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if self.pooling == "cls":
+            return flat[packed.first_slots]
+        sums = torch.zeros(len(packed.lengths), flat.shape[-1], dtype=torch.float32, device=flat.device)
+        sums.index_add_(0, packed.token_sentence, flat[packed.token_slots].float())
+        return (sums / packed.lengths.unsqueeze(1)).to(flat.dtype)
+
     def sentiment_logits(self, u: torch.Tensor) -> torch.Tensor:
         return self.sst_head(self.dropout(u))
 

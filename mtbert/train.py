@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_states, write_run_files
 from .config import TrainConfig, add_config_arguments, resolve_data_dir
-from .data import TASKS, Batch, TaskData, TaskStream, embed_pieces, load_splits
+from .data import TASKS, Batch, TaskData, TaskStream, load_splits
+from .inputs import embed_pieces, input_mode
 from .evaluate import evaluate
 from .model import MultitaskBert, load_pretrained
 
@@ -100,14 +101,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def task_losses(model: MultitaskBert, data: dict[str, TaskData], batches: list[Batch],
-                fuse: bool) -> dict[str, torch.Tensor]:
-    """Loss of each task in `batches`; with `fuse`, all sentences go through the encoder at once."""
-    pieces = [(c, b.rows, n) for b in batches for c, n in zip(data[b.task].columns, b.lengths)]
-    vecs = iter(embed_pieces(model, pieces, fuse))
+def task_losses(model: MultitaskBert, streams: dict[str, TaskStream], batches: list[Batch],
+                mode: str) -> dict[str, torch.Tensor]:
+    """Loss of each task in `batches`; `mode` says how sentences reach the encoder (mtbert.inputs)."""
+    vecs = iter(embed_pieces(model, [p for b in batches for p in streams[b.task].pieces(b)], mode))
     losses = {}
     for b in batches:
-        y = data[b.task].labels[b.rows]
+        y = streams[b.task].data.labels[b.rows]
         if b.task == "sst":
             losses["sst"] = F.cross_entropy(model.sentiment_logits(next(vecs)).float(), y)
         elif b.task == "quora":
@@ -118,12 +118,12 @@ def task_losses(model: MultitaskBert, data: dict[str, TaskData], batches: list[B
     return losses
 
 
-def train_step(model: MultitaskBert, optimizer, scheduler, data: dict[str, TaskData], batches: list[Batch],
-               amp: bool, max_grad_norm: float) -> torch.Tensor:
+def train_step(model: MultitaskBert, optimizer, scheduler, streams: dict[str, TaskStream], batches: list[Batch],
+               amp: bool, max_grad_norm: float, mode: str) -> torch.Tensor:
     """One optimizer step on the summed loss of `batches`; returns the loss without syncing."""
-    device_type = data[batches[0].task].columns[0].ids.device.type
+    device_type = batches[0].rows.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
-        loss = sum(task_losses(model, data, batches, fuse=device_type == "cuda").values())
+        loss = sum(task_losses(model, streams, batches, mode).values())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if max_grad_norm > 0:
@@ -189,6 +189,7 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
     round_to = 8 if device.type == "cuda" else 1
     streams = {t: TaskStream(train_data[t], cfg.batch_size, cfg.seed, round_to) for t in TASKS}
     steps_per_epoch = len(epoch_plan(streams, cfg.multitask, 0))
+    mode = input_mode(device, cfg.packing)
     optimizer, scheduler = build_optimizer(model, cfg, device, steps_per_epoch * cfg.epochs)
     if cfg.compile:
         model.encoder.compile(dynamic=True)
@@ -224,7 +225,7 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
                    leave=False, dynamic_ncols=True)
         for i, tasks in enumerate(bar):
             batches = [streams[t].batch(s) for t, s in tasks]
-            loss = train_step(model, optimizer, scheduler, train_data, batches, amp, cfg.max_grad_norm)
+            loss = train_step(model, optimizer, scheduler, streams, batches, amp, cfg.max_grad_norm, mode)
             step += 1
             loss_sum += loss
             flags.append(~torch.isfinite(loss))
@@ -236,7 +237,7 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
                 if progress:
                     bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.3f}", refresh=False)
         bar.close()
-        metrics = evaluate(model, dev_data, cfg.eval_batch_size, amp)
+        metrics = evaluate(model, dev_data, cfg.eval_batch_size, amp, mode)
         result = EpochResult(epoch + 1, metrics, loss_sum.item() / max(1, len(plan)), time.perf_counter() - t0, step)
         history.append({k: v for k, v in result.to_dict().items() if k != "resumed"})
         results.append(result)

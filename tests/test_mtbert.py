@@ -264,3 +264,23 @@ def test_real_default_model_on_the_shared_data(real_data_dir):
     m = results[0].metrics
     assert 0 <= m["sst_acc"] <= 1 and 0 <= m["quora_acc"] <= 1 and -1 <= m["sts_corr"] <= 1
     assert m["sts_corr"] > 0.3  # the pretrained sentence encoder's cosine already correlates
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_packed_inputs_give_the_same_sentence_vectors(tiny_model, tiny_data, pooling):
+    from mtbert.data import TaskStream
+    from mtbert.inputs import embed_pieces, pack
+
+    encoder, tokenizer = load_pretrained(str(tiny_model))
+    model = MultitaskBert(encoder, TrainConfig(pooling=pooling)).eval()
+    data = load_splits(tiny_data, tokenizer, ("train",))["train"]
+    streams = {t: TaskStream(data[t], 8, seed=0) for t in TASKS}
+    pieces = [p for t in TASKS for p in streams[t].pieces(streams[t].batch(0))]
+    packed = pack(pieces, width=64)
+    assert packed.ids.shape[0] < sum(len(p.host_lengths) for p in pieces)  # several sentences per row
+    assert int(packed.lengths.sum()) == sum(int(p.host_lengths.sum()) for p in pieces)
+    with torch.no_grad():
+        reference = embed_pieces(model, pieces, "per_piece")
+        for mode in ("fused", "packed"):
+            for a, b in zip(reference, embed_pieces(model, pieces, mode)):
+                assert torch.allclose(a, b, atol=1e-5), mode
