@@ -5,6 +5,8 @@
     python search.py --study lr_dropout --workers-per-gpu 4
     python search.py --study lr_dropout --status         # progress and leaderboard, runs nothing
     python search.py --study lr_dropout --dashboard      # optuna-dashboard on 127.0.0.1
+    python search.py --study lr_dropout --report         # reports/lr_dropout/report.md and plots
+    python search.py --study lr_dropout --export-best DIR  # best checkpoint and CS224N predictions
 
 More workers on other machines join with worker.py against the same (PostgreSQL) storage.
 """
@@ -25,6 +27,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 import storage as storage_lib
+from reports.ranking import best_trial, leaderboard
 from studies import StudySpec, StudySpecError
 from worker import FINISHED, add_override_arguments, configure_logging, load_study_spec, open_study, trial_counts
 
@@ -110,28 +113,7 @@ def progress_text(study: optuna.Study, spec: StudySpec, counts) -> str:
             f"failed {counts[TrialState.FAIL]} running {counts[TrialState.RUNNING]} | {best_text}")
 
 
-def best_trial(study: optuna.Study, spec: StudySpec) -> optuna.trial.FrozenTrial | None:
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    if not complete:
-        return None
-    return (max if spec.direction == "maximize" else min)(complete, key=lambda t: t.value)
-
-
 # ------------------------------------------------------------ results
-
-
-def leaderboard(study: optuna.Study, spec: StudySpec) -> pd.DataFrame:
-    """All trials, best first: state, metric, per-task dev scores, params, epochs, duration."""
-    df = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "duration"))
-    if df.empty:
-        return df
-    df = df.rename(columns=lambda c: c.replace("user_attrs_", "").replace("params_", ""))
-    df = df.rename(columns={"value": spec.metric})
-    df["duration"] = df["duration"].dt.total_seconds().round(1)
-    keep = ["number", "state", spec.metric, "sst_acc", "quora_acc", "sts_corr", *sorted(spec.space),
-            "epochs_done", "resumed_from_epoch", "device", "duration", "fail_reason"]
-    df = df[[c for c in dict.fromkeys(keep) if c in df.columns]]
-    return df.sort_values(spec.metric, ascending=spec.direction != "maximize", na_position="last")
 
 
 def print_summary(study: optuna.Study, spec: StudySpec, top: int = 10) -> pd.DataFrame:
@@ -158,7 +140,27 @@ def run_dashboard(url: str, host: str, port: int) -> None:
                artifact_store=storage_lib.artifact_store())
 
 
+def write_outputs(study: optuna.Study, spec: StudySpec, url: str, args: argparse.Namespace) -> int:
+    """--report and --export-best: read the study, run nothing."""
+    from reports.export_best import ExportError, export_best
+    from reports.study_report import write_report
+
+    if args.report:
+        print(f"report written to {write_report(study, spec, Path(args.out or ROOT / 'reports' / spec.name), url)}")
+        return 0
+    try:
+        print(f"best trial exported to {export_best(study, spec, Path(args.export_best), args.data_dir)}")
+    except ExportError as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0
+
+
 # ------------------------------------------------------------ main
+
+
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,18 +175,23 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--status", action="store_true", help="print progress and leaderboard; run nothing")
     mode.add_argument("--dashboard", action="store_true", help="start optuna-dashboard on the study's storage")
+    mode.add_argument("--report", action="store_true", help="write report.md and PNG plots of the study (--out)")
+    mode.add_argument("--export-best", metavar="DIR",
+                      help="copy the best trial's checkpoint to DIR and write its CS224N predictions")
+    parser.add_argument("--out", default=None, help="report folder (default: reports/<study>/)")
     parser.add_argument("--host", default="127.0.0.1", help="dashboard address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8080, help="dashboard port")
     add_override_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(args.storage)
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's or timeout's TERM stops workers like Ctrl-C
     url = storage_lib.resolve_url(args.storage)
     try:
         spec, overrides = load_study_spec(args.study, args)
         if args.dashboard:
             run_dashboard(url, args.host, args.port)
             return 0
-        if args.status:
+        if args.status or args.report or args.export_best:
             study = optuna.load_study(study_name=spec.name, storage=storage_lib.open_storage(url, heartbeat=False))
         else:
             study = open_study(spec, url, overrides, seed=args.seed, role="search")
@@ -195,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     except (StudySpecError, storage_lib.StorageUnavailable) as exc:
         logger.error("%s", exc)
         return 2
+    if args.report or args.export_best:
+        return write_outputs(study, spec, url, args)
 
     if not args.status:
         devices = worker_devices(args.workers, args.workers_per_gpu)

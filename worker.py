@@ -96,8 +96,10 @@ class Worker:
     """Runs trials of one study; see the module docstring."""
 
     def __init__(self, study: optuna.Study, spec: StudySpec, device: str | None = None, progress: bool = True,
-                 max_failures: int = 3, poll_seconds: float = 5.0, checkpoint_root: Path | None = None):
+                 max_failures: int = 3, poll_seconds: float = 5.0, checkpoint_root: Path | None = None,
+                 artifact_store=None):
         self.study, self.spec, self.device = study, spec, device
+        self.artifact_store = artifact_store  # default: storage.artifact_store(), opened at the first record
         self.progress, self.max_failures, self.poll_seconds = progress, max_failures, poll_seconds
         self.checkpoint_root = (checkpoint_root or storage_lib.checkpoint_dir()) / spec.name
         self.prepared = None  # tokenizer, pretrained encoder and data: loaded once, shared by trials
@@ -164,11 +166,31 @@ class Worker:
                 free_accelerator_memory()
             finally:
                 self.in_trial = False
-        frozen = self.study.tell(trial, value, state=state)
+            if state in FINISHED:  # before tell: Optuna attaches artifacts to running trials only
+                self.record(trial, state, value)
+        frozen = self.study.tell(trial, value, state=state, skip_if_finished=True)
+        if frozen.state != state:  # failed meanwhile by another worker: our heartbeats came too late
+            logger.warning("trial %d was marked %s by another worker (missed heartbeats); its retry resumes "
+                           "from the checkpoint", trial.number, frozen.state.name)
+            return frozen.state
         if state == TrialState.COMPLETE:
             logger.info("trial %d complete: %s %.4f", trial.number, self.spec.metric, value)
         self.cleanup_checkpoints(frozen)
         return state
+
+    def record(self, trial: optuna.Trial, state: TrialState, value: float | None) -> None:
+        """Dashboard note and artifacts of a finished trial (reports.trial_records); never fails the worker."""
+        try:
+            from reports.trial_records import record_trial
+
+            if self.artifact_store is None:
+                self.artifact_store = storage_lib.artifact_store()
+            dev = self.prepared.dev if self.prepared is not None else None
+            record_trial(self.study, trial, dev, self.artifact_store, state, value)
+        except Exception as exc:
+            logger.warning("trial %d: note and artifacts not recorded: %s: %s", trial.number, type(exc).__name__, exc)
+        finally:
+            free_accelerator_memory()
 
     def hand_back(self, trial: optuna.Trial) -> None:
         """Fail the trial now and queue its retry (it resumes from its checkpoint) under the lock."""
@@ -198,6 +220,7 @@ class Worker:
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("config", cfg.to_dict())
         epoch_seconds: list[float] = []
+        per_epoch: list[dict[str, Any]] = []  # user attr `history`: the dashboard note's rows
 
         def on_epoch(result) -> None:
             value = result.metrics[self.spec.metric]
@@ -209,6 +232,9 @@ class Worker:
                 trial.set_user_attr(key, result.metrics[key])
             trial.set_user_attr("epochs_done", result.epoch)
             trial.set_user_attr("epoch_seconds", epoch_seconds)
+            scores = {k: result.metrics[k] for k in ("sst_acc", "quora_acc", "sts_corr", "overall")}
+            per_epoch.append({"epoch": result.epoch, **scores, "seconds": round(result.seconds, 2)})
+            trial.set_user_attr("history", per_epoch)
             with warnings.catch_warnings():  # a resumed epoch may have been reported before the crash
                 warnings.simplefilter("ignore")
                 trial.report(value, result.epoch)

@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3 CPU, 20 CUDA)")
     parser.add_argument("--compile", action="store_true",
                         help="CUDA: also measure the compiled step (largest batch size only: compiling is slow)")
+    parser.add_argument("--packing", action="store_true", help="CUDA: also measure the packed-input step")
     parser.add_argument("--no-reference", action="store_true", help="skip the naive reference")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--device", default="auto")
@@ -169,9 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for bs in args.batch_sizes:
         variants = [] if args.no_reference else ["reference"]
-        variants += ["project"] + (["project+packing"] if cuda else [])
+        variants += ["project"] + (["project+packing"] if cuda and args.packing else [])
         if args.compile and cuda and bs == max(args.batch_sizes):  # compiling is slow: largest batch only
-            variants += ["project+compile", "project+packing+compile"]
+            variants += ["project+compile"] + (["project+packing+compile"] if args.packing else [])
         for variant in variants:
             cfg = TrainConfig(batch_size=bs, device=str(device), packing="packing" in variant)
             torch.manual_seed(0)

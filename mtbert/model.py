@@ -48,7 +48,9 @@ def load_pretrained(model: str) -> tuple[nn.Module, "object"]:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
                 encoder = AutoModel.from_pretrained(name, **kwargs)
-                return encoder, tokenizer
+                # fp32 master weights whatever the checkpoint's dtype (transformers 5 keeps an fp16
+                # checkpoint in fp16); autocast decides the compute dtype
+                return encoder.float(), tokenizer
             except Exception as exc:  # transformers raises many types: OSError, ValueError, HTTP errors
                 errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     finally:
@@ -107,14 +109,21 @@ class MultitaskBert(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Sentence vectors (before dropout) of a padded batch."""
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask
+        if self.encoder.config._attn_implementation == "sdpa":
+            # a ready 4D mask is used as is; from a 2D one transformers first checks mask.all(),
+            # which waits for the GPU every forward pass
+            mask = attention_mask[:, None, None, :].bool()
+        hidden = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def embed_packed(self, packed) -> torch.Tensor:
-        """Sentence vectors of a packed batch (mtbert.inputs.pack): same values as embed()."""
+        """Sentence vectors of a packed batch (mtbert.inputs.pack): same values as embed().
+
+        Needs SDPA attention (the default), which takes the block-diagonal boolean mask as is."""
         hidden = self.encoder(input_ids=packed.ids, attention_mask=packed.mask,
                               position_ids=packed.position_ids).last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])

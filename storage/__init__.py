@@ -241,16 +241,17 @@ def _flock(path: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def _pg_advisory_lock(engine: sqlalchemy.Engine, key: int) -> Iterator[None]:
     conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    released = False
     try:
         conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
         try:
             yield
         finally:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-    except BaseException:
-        conn.invalidate()  # never return a connection that may still hold the lock
-        raise
+            released = True
     finally:
+        if not released:
+            conn.invalidate()  # never pool a connection that may still hold the lock
         conn.close()
 
 
@@ -275,7 +276,9 @@ def trial_slot_lock(storage: RDBStorage, study_name: str) -> Iterator[None]:
     over-run a trial budget. SQLite: ``flock`` on ``<db>.<study>.lock``;
     PostgreSQL: a session advisory lock, released if the process dies.
     Re-entrant within a thread; threads of one process also exclude each other.
+    ``storage`` may also be a ``study._storage`` that wraps the RDBStorage.
     """
+    storage = getattr(storage, "_backend", storage)  # optuna's _CachedStorage wrapper
     with _slots_guard:
         slot = _slots.setdefault(f"{storage.url}\0{study_name}", _Slot())
     with slot.rlock, contextlib.ExitStack() as stack:

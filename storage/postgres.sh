@@ -7,12 +7,12 @@
 #   storage/postgres.sh url      print the URL
 #
 # Settings (env): MTBERT_PG_DIR (data dir, default storage/pg), MTBERT_PG_PORT (5433),
-# MTBERT_PG_PASSWORD (mtbert). Listens on 127.0.0.1 only; role and database `mtbert`.
+# MTBERT_PG_PASSWORD (local-dev-Qx7). Listens on 127.0.0.1 only; role and database `mtbert`.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PORT="${MTBERT_PG_PORT:-5433}"
-PASSWORD="${MTBERT_PG_PASSWORD:-mtbert}"
+PASSWORD="${MTBERT_PG_PASSWORD:-local-dev-Qx7}"  # not a word that appears in logs: the secret filter masks it
 DIR="${MTBERT_PG_DIR:-$here/pg}"
 SOCKDIR=/tmp   # short path: unix socket names are limited to ~100 bytes
 
@@ -43,10 +43,13 @@ ready() { "$(pg_bin)/pg_isready" -q -h 127.0.0.1 -p "$PORT"; }
 
 # The data dir, which the cluster owner must be able to reach; else a fallback under /tmp.
 data_dir() {
-    if [[ $EUID -eq 0 ]] && ! runuser -u postgres -- test -x "$(dirname "$DIR")" 2>/dev/null; then
+    local up
+    up="$(dirname "$DIR")"
+    while [[ ! -e $up ]]; do up="$(dirname "$up")"; done   # nearest existing ancestor
+    if [[ $EUID -eq 0 ]] && ! runuser -u postgres -- test -x "$up" 2>/dev/null; then
         local alt
         alt="/tmp/mtbert-pg-$(echo -n "$DIR" | md5sum | cut -c1-8)"
-        note "user postgres cannot reach $(dirname "$DIR"); using $alt instead"
+        note "user postgres cannot reach $up; using $alt instead"
         DIR="$alt"
     fi
     echo "$DIR"

@@ -86,8 +86,10 @@ def clean_pg_url(pg_url: str):
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_caches(tmp_path_factory):
-    """Token caches of the tests go to a temp folder, never to ~/.cache."""
+    """Token caches, artifacts and checkpoints of the tests go to temp folders, never into the repo."""
     os.environ["MTBERT_CACHE_DIR"] = str(tmp_path_factory.mktemp("token-cache"))
+    os.environ["MTBERT_ARTIFACT_DIR"] = str(tmp_path_factory.mktemp("artifacts"))
+    os.environ["MTBERT_CHECKPOINT_DIR"] = str(tmp_path_factory.mktemp("checkpoints"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -57,8 +57,9 @@ def write_study(folder: Path, name: str, model: Path, data: Path, n_trials: int 
 
 @pytest.fixture
 def env(tmp_path):
-    """Environment of worker processes: fast heartbeats, private checkpoint and artifact folders."""
-    return {**os.environ, "MTBERT_HEARTBEAT_INTERVAL": "1", "MTBERT_HEARTBEAT_GRACE": "3",
+    """Environment of worker processes: fast heartbeats (a grace a busy 2-core machine can keep),
+    private checkpoint and artifact folders."""
+    return {**os.environ, "MTBERT_HEARTBEAT_INTERVAL": "1", "MTBERT_HEARTBEAT_GRACE": "10",
             "MTBERT_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "MTBERT_ARTIFACT_DIR": str(tmp_path / "artifacts"),
             "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 

@@ -133,8 +133,8 @@ def test_secret_filter_scrubs_logs(caplog):
 
 
 def _hold_lock(url: str, study: str, out: str, barrier, rounds: int) -> None:
-    st = open_storage(url, heartbeat=False)
-    barrier.wait()
+    st = open_storage(url, heartbeat=False)  # all start together: also tests the init race
+    barrier.wait(timeout=20)
     for _ in range(rounds):
         with trial_slot_lock(st, study):
             start = time.monotonic()
@@ -150,14 +150,19 @@ def _assert_exclusive(url: str, tmp_path, workers: int = 3, rounds: int = 4) -> 
     barrier = ctx.Barrier(workers)
     study = f"lock-{uuid.uuid4().hex[:6]}"
     procs = [
-        ctx.Process(target=_hold_lock, args=(url, study, out, barrier, rounds))
+        ctx.Process(target=_hold_lock, args=(url, study, out, barrier, rounds), daemon=True)
         for _ in range(workers)
     ]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
+    try:
+        for p in procs:
+            p.join(30)
+        assert [p.exitcode for p in procs] == [0] * workers
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
     rows = sorted(
         (float(s), float(e), pid) for pid, s, e in (line.split() for line in open(out))
     )
@@ -189,16 +194,23 @@ def test_trial_slot_lock_postgres(clean_pg_url, tmp_path):
     with trial_slot_lock(st, "s"), trial_slot_lock(st, "s"):
         pass
     with st.engine.connect() as conn:  # released: no advisory locks left behind
-        assert conn.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")).scalar() == 0
+        held = conn.execute(text(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database ="
+            " (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ))
+        assert held.scalar() == 0
 
 
 # ----------------------------------------------------------------------------- PostgreSQL
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_postgres_round_trip(clean_pg_url):
     st = open_storage(clean_pg_url)
     assert st.get_heartbeat_interval() == 1
     study = optuna.create_study(study_name="rt", storage=st, direction="maximize")
+    with trial_slot_lock(study._storage, "rt"):  # accepts the cached wrapper too
+        pass
     trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)})
     study.tell(trial, 0.5)
     again = optuna.load_study(study_name="rt", storage=open_storage(clean_pg_url))

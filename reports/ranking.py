@@ -1,0 +1,29 @@
+"""Which trials are best: the study's best complete trial and its leaderboard (used by search.py and reports)."""
+from __future__ import annotations
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from studies import StudySpec
+
+
+def best_trial(study: optuna.Study, spec: StudySpec) -> optuna.trial.FrozenTrial | None:
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    if not complete:
+        return None
+    return (max if spec.direction == "maximize" else min)(complete, key=lambda t: t.value)
+
+
+def leaderboard(study: optuna.Study, spec: StudySpec) -> pd.DataFrame:
+    """All trials, best first: state, metric, per-task dev scores, params, epochs, duration."""
+    df = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "duration"))
+    if df.empty:
+        return df
+    df = df.rename(columns=lambda c: c.replace("user_attrs_", "").replace("params_", ""))
+    df = df.rename(columns={"value": spec.metric})
+    df["duration"] = df["duration"].dt.total_seconds().round(1)
+    keep = ["number", "state", spec.metric, "sst_acc", "quora_acc", "sts_corr", *sorted(spec.space),
+            "epochs_done", "resumed_from_epoch", "device", "duration", "fail_reason"]
+    df = df[[c for c in dict.fromkeys(keep) if c in df.columns]]
+    return df.sort_values(spec.metric, ascending=spec.direction != "maximize", na_position="last")

@@ -1,0 +1,154 @@
+"""What a finished trial leaves for optuna-dashboard: a note with its per-epoch dev scores, and artifacts.
+
+The worker calls record_trial for every complete or pruned trial just before `study.tell`: Optuna
+attaches artifacts to running trials only. The note is optuna-dashboard's (kept in the study's system
+attrs); the artifacts (metrics.json and the dev prediction CSVs) go to Optuna's artifact store,
+storage.artifact_store(), a folder. With workers on several nodes that folder must be shared by all of
+them and by the dashboard (set MTBERT_ARTIFACT_DIR to a shared file system), or the dashboard cannot
+open the artifacts of trials that ran elsewhere.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.artifacts import upload_artifact
+from optuna.trial import TrialState
+
+if TYPE_CHECKING:
+    from optuna.artifacts._protocol import ArtifactStore
+
+logger = logging.getLogger(__name__)
+
+SCORES = ("sst_acc", "quora_acc", "sts_corr", "overall")  # per-task dev scores and their mean
+NOTE_COLUMNS = {"epoch": "epoch", "sst_acc": "SST acc", "quora_acc": "Quora acc", "sts_corr": "STS r",
+                "overall": "overall", "seconds": "seconds"}
+TASK_NAMES = {"sst": "SST", "quora": "Quora", "sts": "STS"}
+_warned_no_dashboard = False
+
+
+def record_trial(study: optuna.Study, trial: optuna.Trial, dev_data: dict[str, Any] | None,
+                 artifact_store: "ArtifactStore", state: TrialState, value: float | None = None) -> None:
+    """Save the dashboard note of `trial` (still running, about to be told `state`) and upload its artifacts.
+
+    dev_data: the worker's tokenised dev splits (mtbert TaskData per task, capped by max_examples);
+    None skips the prediction CSVs, as does a missing checkpoint folder (user attr `checkpoint`).
+    """
+    metric = (study.metric_names or ["value"])[0]
+    save_trial_note(trial, trial_note(trial, state, value, dev_data, metric))
+    with tempfile.TemporaryDirectory(prefix=f"trial-{trial.number}-") as tmp:
+        folder = Path(tmp)
+        files = [write_metrics_json(folder / "metrics.json", trial, state, value, dev_data)]
+        checkpoint = trial.user_attrs.get("checkpoint")
+        if dev_data is not None and checkpoint and (Path(checkpoint) / "checkpoint.pt").is_file():
+            files += write_dev_predictions(Path(checkpoint), dev_data, folder)
+        elif dev_data is not None:
+            logger.warning("trial %d: no checkpoint at %s, no dev prediction CSVs", trial.number, checkpoint)
+        for path in files:
+            upload_artifact(artifact_store=artifact_store, file_path=str(path), study_or_trial=trial)
+    logger.info("trial %d: note and %d artifact(s) recorded", trial.number, len(files))
+
+
+# ------------------------------------------------------------ note
+
+
+def trial_note(trial: optuna.Trial, state: TrialState, value: float | None, dev_data: dict[str, Any] | None,
+               metric: str = "value") -> str:
+    """Markdown: a headline, the per-epoch table of user attr `history`, and what the dev scores cover."""
+    history = trial.user_attrs.get("history", [])
+    epochs = trial.user_attrs.get("config", {}).get("epochs")
+    of = f" of {epochs}" if epochs else ""
+    if state == TrialState.PRUNED:
+        headline = f"**Trial {trial.number}: pruned after epoch {len(history)}{of}**"
+    else:
+        headline = f"**Trial {trial.number}: complete, {len(history)}{of} epochs**"
+    if value is not None:
+        headline += f" ({metric} {value:.4f})"
+    rows = [[str(h.get("epoch", ""))] + [_fmt(h.get(k)) for k in SCORES] + [_fmt(h.get("seconds"), 1)]
+            for h in history]
+    lines = [headline, "", markdown_table(list(NOTE_COLUMNS.values()), rows), "", dev_scope(trial, dev_data)]
+    return "\n".join(lines) + "\n"
+
+
+def dev_scope(trial: optuna.Trial, dev_data: dict[str, Any] | None) -> str:
+    """One sentence on which dev examples the scores are computed on."""
+    cap = trial.user_attrs.get("config", {}).get("max_examples", 0)
+    sizes = ", ".join(f"{TASK_NAMES.get(t, t)} {len(d)}" for t, d in (dev_data or {}).items())
+    sizes = f" ({sizes} examples)" if sizes else ""
+    if cap:
+        return (f"Dev scores on a fixed subset of at most {cap} dev examples per task (max_examples = {cap})"
+                f"{sizes}, not the full dev sets.")
+    return f"Dev scores on the full dev sets{sizes}."
+
+
+def save_trial_note(trial: optuna.Trial, body: str) -> None:
+    """optuna_dashboard.save_note; without the package (e.g. a bare GPU node) warn once and skip."""
+    global _warned_no_dashboard
+    try:
+        from optuna_dashboard import save_note
+    except ImportError:
+        if not _warned_no_dashboard:
+            logger.warning("optuna_dashboard is not installed: trials get no dashboard notes")
+            _warned_no_dashboard = True
+        return
+    save_note(trial, body)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured markdown table; the first column left-aligned, the others right-aligned."""
+    align = [":--"] + ["--:"] * (len(header) - 1)
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, align, *rows])
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+# ------------------------------------------------------------ artifacts
+
+
+def write_metrics_json(path: Path, trial: optuna.Trial, state: TrialState, value: float | None,
+                       dev_data: dict[str, Any] | None) -> Path:
+    attrs = trial.user_attrs
+    payload = {
+        "trial": trial.number,
+        "state": state.name,
+        "value": value,
+        "params": trial.params,
+        "final": {k: attrs[k] for k in SCORES if k in attrs},
+        "history": attrs.get("history", []),
+        "dev_examples": {t: len(d) for t, d in (dev_data or {}).items()},
+        "device": attrs.get("device"),
+        "config": attrs.get("config"),
+    }
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def write_dev_predictions(checkpoint: Path, dev_data: dict[str, Any], out_dir: Path) -> list[Path]:
+    """CS224N-format dev prediction CSVs of the checkpoint's model (its last epoch) on `dev_data`."""
+    from mtbert.checkpoint import load_model
+    from mtbert.evaluate import OUTPUT_FILES, predict, write_predictions
+    from mtbert.train import resolve_device
+
+    model, _tokenizer, cfg = load_model(checkpoint, "cpu")
+    device = resolve_device(cfg.device)
+    model = model.to(device)
+    paths = []
+    try:
+        for task, data in dev_data.items():
+            pred = predict(model, data.to(device), cfg.eval_batch_size, amp=cfg.amp and device.type == "cuda")
+            path = out_dir / f"{OUTPUT_FILES[task][0]}-dev-output.csv"
+            write_predictions(path, task, data.ids, pred)
+            paths.append(path)
+    finally:
+        del model
+    return paths

@@ -1,0 +1,303 @@
+"""Per-trial notes and artifacts, the study report and the best-model export, on a small real study."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
+from optuna.trial import TrialState
+
+import storage as storage_lib
+from studies import load_spec
+from test_search import write_study
+from tiny import write_data
+from worker import Worker, open_study
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS, N_DEV = 3, 24
+# as in test_search's pruning test: two good runs, then a hopeless one (100x lower lr) that the median
+# pruner stops; then one more with other params, so that parameter importances can be computed
+ENQUEUED = [(1e-2, 0.0), (1e-2, 0.0), (1e-4, 0.0), (5e-3, 0.3)]
+PRUNER = 'type = "median"\nn_startup_trials = 2\nn_warmup_steps = 0'
+
+
+def build_recorded_study(folder: Path, model: Path, name: str = "rep") -> dict:
+    """A small real study of the tiny model, some trials pruned, recorded by an in-process worker.
+
+    Returns what the CLI needs: study file, storage URL and the environment of the subprocesses.
+    """
+    data = write_data(folder / "data", n_dev=N_DEV)
+    study_file = write_study(folder, name, model, data, n_trials=len(ENQUEUED), epochs=EPOCHS, pruner=PRUNER)
+    spec = load_spec(study_file)
+    url = f"sqlite:///{folder / 'study.db'}"
+    study = open_study(spec, url, {})
+    for lr, dropout in ENQUEUED:
+        study.enqueue_trial({"lr": lr, "hidden_dropout_prob": dropout})
+    artifacts, checkpoints = folder / "artifacts", folder / "ckpt"
+    artifacts.mkdir()
+    Worker(study, spec, device="cpu", progress=False, checkpoint_root=checkpoints,
+           artifact_store=FileSystemArtifactStore(str(artifacts))).run()
+    env = {**os.environ, "MTBERT_STORAGE": url, "MTBERT_ARTIFACT_DIR": str(artifacts),
+           "MTBERT_CHECKPOINT_DIR": str(checkpoints), "TOKENIZERS_PARALLELISM": "false"}
+    return {"file": study_file, "spec": spec, "url": url, "env": env, "artifacts": artifacts, "name": name}
+
+
+def load(url: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage_lib.open_storage(url, heartbeat=False))
+
+
+def cli(study: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "search.py", "--study", str(study["file"]), *args], cwd=ROOT,
+                          env=study["env"], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory, tiny_model) -> dict:
+    return build_recorded_study(tmp_path_factory.mktemp("reports"), tiny_model)
+
+
+def note_of(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
+    from optuna_dashboard import get_note
+
+    return get_note(optuna.Trial(study, trial._trial_id))
+
+
+# ------------------------------------------------------------ what the worker records
+
+
+def test_every_finished_trial_has_a_note_and_artifacts(recorded):
+    study = load(recorded["url"], recorded["name"])
+    states = [t.state for t in study.trials]
+    assert TrialState.PRUNED in states and states.count(TrialState.COMPLETE) >= 2, states
+    store = FileSystemArtifactStore(str(recorded["artifacts"]))
+    for t in study.trials:
+        history = t.user_attrs["history"]
+        assert [h["epoch"] for h in history] == sorted(t.intermediate_values)
+        assert history[-1]["overall"] == pytest.approx(t.intermediate_values[len(history)])
+        note = note_of(study, t)
+        rows = [line for line in note.splitlines() if re.match(r"\| \d+ \|", line)]
+        assert len(rows) == len(history), note
+        assert rows[-1].startswith(f"| {len(history)} | {history[-1]['sst_acc']:.4f} | {history[-1]['quora_acc']:.4f} "
+                                   f"| {history[-1]['sts_corr']:.4f} | {history[-1]['overall']:.4f} |")
+        assert "| epoch | SST acc | Quora acc | STS r | overall | seconds |" in note
+        assert f"Dev scores on the full dev sets (SST {N_DEV}, Quora {N_DEV}, STS {N_DEV} examples)." in note
+        assert ("pruned after epoch" in note) == (t.state == TrialState.PRUNED)
+
+        metas = {m.filename: m for m in get_all_artifact_meta(t, storage=study._storage)}
+        assert set(metas) == {"metrics.json", "sst-dev-output.csv", "para-dev-output.csv", "sts-dev-output.csv"}
+        local = recorded["artifacts"].parent / f"download-{t.number}"
+        local.mkdir()
+        download_artifact(artifact_store=store, artifact_id=metas["metrics.json"].artifact_id,
+                          file_path=str(local / "metrics.json"))
+        metrics = json.loads((local / "metrics.json").read_text())
+        assert metrics["history"] == history and metrics["params"] == t.params
+        assert metrics["state"] == t.state.name and metrics["dev_examples"] == {"sst": N_DEV, "quora": N_DEV,
+                                                                                "sts": N_DEV}
+        download_artifact(artifact_store=store, artifact_id=metas["sst-dev-output.csv"].artifact_id,
+                          file_path=str(local / "sst.csv"))
+        lines = (local / "sst.csv").read_text().splitlines()
+        assert lines[0].split() == ["id", "Predicted_Sentiment"] and len(lines) == 1 + N_DEV
+        # the CSV holds the predictions of the last epoch's model: its accuracy is the recorded SST score
+        rows = [line.split(",") for line in lines[1:]]  # "sst00007x , 3 ": tiny.write_data's label is 7 % 5
+        correct = sum(int(pred) == int(uid.strip()[3:-1]) % 5 for uid, pred in rows)
+        assert correct / N_DEV == pytest.approx(history[-1]["sst_acc"])
+
+
+def test_the_note_says_when_dev_scores_are_capped(tmp_path):
+    from reports.trial_records import trial_note
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'c.db'}")
+    trial = study.ask()
+    trial.set_user_attr("config", {"max_examples": 300, "epochs": 5})
+    trial.set_user_attr("history", [{"epoch": e, "sst_acc": 0.25, "quora_acc": 0.625, "sts_corr": -0.0312,
+                                     "overall": 0.2813, "seconds": 61.3} for e in (1, 2)])
+    note = trial_note(trial, TrialState.PRUNED, None, {"sst": [0] * 300, "quora": [0] * 300, "sts": [0] * 300})
+    assert note.startswith("**Trial 0: pruned after epoch 2 of 5**\n")
+    assert "| 2 | 0.2500 | 0.6250 | -0.0312 | 0.2813 | 61.3 |" in note
+    assert ("Dev scores on a fixed subset of at most 300 dev examples per task (max_examples = 300) "
+            "(SST 300, Quora 300, STS 300 examples), not the full dev sets.") in note
+
+
+def test_a_recording_failure_never_fails_the_trial_or_the_worker(tmp_path, monkeypatch, caplog):
+    import reports.trial_records
+
+    def broken(*args, **kwargs):
+        raise OSError("artifact folder is read-only")
+
+    monkeypatch.setattr(reports.trial_records, "record_trial", broken)
+    spec = load_spec(write_study(tmp_path, "rec", Path("unused"), Path("unused")))
+    study = open_study(spec, f"sqlite:///{tmp_path / 'r.db'}", {})
+    worker = Worker(study, spec, device="cpu", progress=False, checkpoint_root=tmp_path / "ck",
+                    artifact_store=FileSystemArtifactStore(str(tmp_path)))
+    trial = study.ask()
+    with caplog.at_level(logging.WARNING, logger="worker"):
+        worker.record(trial, TrialState.COMPLETE, 0.5)
+    assert "note and artifacts not recorded: OSError: artifact folder is read-only" in caplog.text
+    study.tell(trial, 0.5)
+    assert study.trials[0].state == TrialState.COMPLETE
+
+
+def test_without_optuna_dashboard_the_note_is_skipped_with_one_warning(tmp_path, monkeypatch, caplog):
+    import reports.trial_records as records
+
+    monkeypatch.setitem(sys.modules, "optuna_dashboard", None)  # import fails like a missing package
+    monkeypatch.setattr(records, "_warned_no_dashboard", False)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'n.db'}")
+    (tmp_path / "a").mkdir()
+    store = FileSystemArtifactStore(str(tmp_path / "a"))
+    with caplog.at_level(logging.WARNING, logger="reports.trial_records"):
+        for _ in range(2):
+            trial = study.ask()
+            trial.set_user_attr("history", [{"epoch": 1, "sst_acc": 0.5, "quora_acc": 0.5, "sts_corr": 0.1,
+                                             "overall": 0.37, "seconds": 1.0}])
+            records.record_trial(study, trial, None, store, TrialState.COMPLETE, 0.37)
+            study.tell(trial, 0.37)
+    assert caplog.text.count("optuna_dashboard is not installed") == 1
+    assert [m.filename for m in get_all_artifact_meta(study.trials[1], storage=study._storage)] == ["metrics.json"]
+
+
+# ------------------------------------------------------------ --report
+
+
+def report_numbers_match_storage(text: str, study: optuna.Study, spec) -> None:
+    trials = study.trials
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    best = max(complete, key=lambda t: t.value)
+    assert f"Trial **#{best.number}**: overall **{best.value:.4f}** after {EPOCHS} epoch(s)" in text
+    for key, name in (("sst_acc", "SST acc"), ("quora_acc", "Quora acc"), ("sts_corr", "STS r"),
+                      ("overall", "overall")):
+        assert f"| {name} | {best.user_attrs[key]:.4f} |" in text
+    for name, value in best.params.items():
+        assert f"| {name} | {value!r} |" in text
+    assert (f"- trials: {len(complete) + len(pruned)} finished of a budget of {spec.n_trials}: {len(complete)} "
+            f"complete, {len(pruned)} pruned, 0 failed, 0 running") in text
+    saved = sum(EPOCHS - len(t.intermediate_values) for t in pruned)
+    total = EPOCHS * (len(complete) + len(pruned))
+    assert (f"Pruned trials: **{len(pruned)}** of {len(complete) + len(pruned)} finished. Compute saved: "
+            f"**{saved} epoch(s)**, {100 * saved / total:.1f}% of the {total} epochs") in text
+    for t in pruned:
+        assert f"| #{t.number} | {len(t.intermediate_values)} of {EPOCHS} |" in text
+    for t in complete:  # the top-trials table has every complete trial here (fewer than 10)
+        assert re.search(rf"^\| {t.number} \| {t.value:.4f} \| {t.user_attrs['sst_acc']:.4f} \| "
+                         rf"{t.user_attrs['quora_acc']:.4f} \| {t.user_attrs['sts_corr']:.4f} \|", text, re.M)
+
+
+def test_report_numbers_come_from_the_storage_and_the_plots_are_real_images(recorded, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "report"
+    proc = cli(recorded, "--report", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert f"report written to {out / 'report.md'}" in proc.stdout
+    text = (out / "report.md").read_text()
+    study = load(recorded["url"], recorded["name"])
+    report_numbers_match_storage(text, study, recorded["spec"])
+
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", text)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    importances = len(complete) >= 2 and len({repr(t.params) for t in complete}) > 1
+    assert set(images) == {"optimization_history.png", "intermediate_values.png", "parallel_coordinate.png",
+                           *(["param_importances.png"] if importances else [])}, text
+    assert importances or "Skipped: parameter importances need" in text
+    for name in images:
+        path = out / name
+        assert path.stat().st_size > 5_000, name
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.width > 200 and image.height > 200, (name, image.size)
+
+
+def test_the_reproduce_command_is_the_best_trial_s_exact_config(recorded, tmp_path):
+    from mtbert.config import TrainConfig, add_config_arguments
+
+    out = tmp_path / "report"
+    assert cli(recorded, "--report", "--out", str(out)).returncode == 0
+    text = (out / "report.md").read_text()
+    command = re.search(r"^python -m mtbert\.train (.*)$", text, re.M).group(1).split()
+    study = load(recorded["url"], recorded["name"])
+    best = max(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
+    parser = argparse.ArgumentParser()  # what mtbert.train parses: every TrainConfig flag plus --out
+    add_config_arguments(parser)
+    parser.add_argument("--out")
+    args = vars(parser.parse_args(command))
+    assert args.pop("out") == f"runs/{recorded['name']}-trial{best.number}"
+    assert TrainConfig(**args).to_dict() == best.user_attrs["config"]
+
+
+def synthetic_study(folder: Path, trials: list[optuna.trial.FrozenTrial]) -> dict:
+    """A study of hand-made trials (no training): for the report's and the export's edge cases."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = load_spec(write_study(folder, "edge", Path("unused"), Path("unused"), n_trials=3))
+    url = f"sqlite:///{folder / 'edge.db'}"
+    study = open_study(spec, url, {})
+    for t in trials:
+        study.add_trial(t)
+    env = {**os.environ, "MTBERT_STORAGE": url, "MTBERT_ARTIFACT_DIR": str(folder / "a")}
+    return {"file": folder / "edge.toml", "env": env}
+
+
+def made_trial(state: TrialState, value: float | None, epochs: int, **attrs) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(
+        state=state, value=value, params={"lr": 1e-3, "hidden_dropout_prob": 0.1},
+        distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+                       "hidden_dropout_prob": optuna.distributions.FloatDistribution(0.0, 0.3)},
+        intermediate_values={e: 0.4 for e in range(1, epochs + 1)},
+        user_attrs={"sst_acc": 0.3, "quora_acc": 0.6, "sts_corr": 0.3, "overall": 0.4, **attrs})
+
+
+def test_report_skips_importances_with_a_reason_when_there_are_too_few_trials(tmp_path):
+    study = synthetic_study(tmp_path, [made_trial(TrialState.COMPLETE, 0.4, 3),
+                                       made_trial(TrialState.PRUNED, None, 1)])
+    proc = cli(study, "--report", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Skipped: parameter importances need at least 2 complete trials, the study has 1." in text
+    assert "Compute saved: **2 epoch(s)**, 33.3% of the 6 epochs" in text
+    assert "![Intermediate values (pruned trials stop early)](intermediate_values.png)" in text
+
+
+# ------------------------------------------------------------ --export-best
+
+
+def test_export_best_copies_the_checkpoint_and_writes_cs224n_predictions(recorded, tmp_path):
+    from mtbert.checkpoint import load_model
+
+    out = tmp_path / "best"
+    proc = cli(recorded, "--export-best", str(out))
+    assert proc.returncode == 0, proc.stderr
+    study = load(recorded["url"], recorded["name"])
+    best = max(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
+    summary = json.loads((out / "best_trial.json").read_text())
+    assert summary["trial"] == best.number and summary["overall"] == best.value
+    model, _, cfg = load_model(out / "checkpoint")
+    assert cfg.to_dict() == best.user_attrs["config"]
+    expected = {"sst-dev-output.csv": "Predicted_Sentiment", "para-dev-output.csv": "Predicted_Is_Paraphrase",
+                "sts-dev-output.csv": "Predicted_Similiarity", "sst-test-output.csv": "Predicted_Sentiment",
+                "sts-test-output.csv": "Predicted_Similiarity"}  # tiny data has no Quora test file, like CS224N's
+    assert {p.name for p in (out / "predictions").iterdir()} == set(expected)
+    for name, header in expected.items():
+        lines = (out / "predictions" / name).read_text().splitlines()
+        assert lines[0].split() == ["id", header] and len(lines) == 1 + N_DEV  # full files, not the capped dev
+        assert re.fullmatch(r"\w+ , [\d.]+ ", lines[1]), lines[1]
+
+
+def test_export_best_fails_clearly_without_a_complete_trial_or_its_checkpoint(tmp_path):
+    none = synthetic_study(tmp_path / "none", [made_trial(TrialState.PRUNED, None, 1)])
+    proc = cli(none, "--export-best", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "study edge has no complete trial to export" in proc.stderr
+    gone = synthetic_study(tmp_path / "gone", [made_trial(TrialState.COMPLETE, 0.4, 3,
+                                                          checkpoint=str(tmp_path / "deleted"))])
+    proc = cli(gone, "--export-best", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert f"the checkpoint of the best trial #0 is not at {tmp_path / 'deleted'}" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
