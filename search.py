@@ -7,6 +7,7 @@
     python search.py --study lr_dropout --dashboard      # optuna-dashboard on 127.0.0.1
     python search.py --study lr_dropout --report         # reports/lr_dropout/report.md and plots
     python search.py --study lr_dropout --export-best DIR  # best checkpoint and CS224N predictions
+    python search.py --results                           # docs/results.md from the grid studies
 
 More workers on other machines join with worker.py against the same (PostgreSQL) storage.
 """
@@ -156,6 +157,18 @@ def write_outputs(study: optuna.Study, spec: StudySpec, url: str, args: argparse
     return 0
 
 
+def write_results(url: str, out: Path) -> int:
+    """--results: the source report's tables, ours next to theirs, from the storage."""
+    from reports.results_page import write_results_page
+
+    try:
+        print(f"results page written to {write_results_page(url, out)}")
+    except storage_lib.StorageUnavailable as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0
+
+
 # ------------------------------------------------------------ main
 
 
@@ -165,7 +178,7 @@ def _interrupt(signum, _frame):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", required=True, help="study name (a file in studies/) or path to a .toml")
+    parser.add_argument("--study", help="study name (a file in studies/) or path to a .toml")
     parser.add_argument("--storage", default=None,
                         help="storage URL (default: $MTBERT_STORAGE, else SQLite in storage/)")
     parser.add_argument("--workers", type=int, default=None,
@@ -176,9 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--status", action="store_true", help="print progress and leaderboard; run nothing")
     mode.add_argument("--dashboard", action="store_true", help="start optuna-dashboard on the study's storage")
     mode.add_argument("--report", action="store_true", help="write report.md and PNG plots of the study (--out)")
+    mode.add_argument("--results", action="store_true",
+                      help="regenerate the source-report results page from the storage (--out, default "
+                           "docs/results.md); needs no --study")
     mode.add_argument("--export-best", metavar="DIR",
                       help="copy the best trial's checkpoint to DIR and write its CS224N predictions")
-    parser.add_argument("--out", default=None, help="report folder (default: reports/<study>/)")
+    parser.add_argument("--out", default=None, help="report folder (default: reports/<study>/) or results page")
     parser.add_argument("--host", default="127.0.0.1", help="dashboard address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8080, help="dashboard port")
     add_override_arguments(parser)
@@ -186,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.storage)
     signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's or timeout's TERM stops workers like Ctrl-C
     url = storage_lib.resolve_url(args.storage)
+    if args.results:
+        return write_results(url, Path(args.out or ROOT / "docs" / "results.md"))
+    if not args.study:
+        parser.error("--study is required (except with --results)")
     try:
         spec, overrides = load_study_spec(args.study, args)
         if args.dashboard:

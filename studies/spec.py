@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import math
 import re
 import tomllib
@@ -26,14 +27,45 @@ SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomS
 PRUNERS = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
            "hyperband": optuna.pruners.HyperbandPruner, "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
            "none": optuna.pruners.NopPruner}
-TOP_KEYS = ("description", "direction", "metric", "n_trials", "keep_best", "train", "space", "sampler", "pruner")
+TOP_KEYS = ("description", "direction", "metric", "n_trials", "keep_best", "train", "space", "sampler", "pruner",
+            "reference", "reference_source")
+REFERENCE_METRICS = ("sst", "para", "sts", "overall")  # a [reference] row: published scores of one grid point
 PARAM_KEYS = {"float": ("low", "high", "log", "step"), "int": ("low", "high", "step", "log"),
               "categorical": ("choices",), "preset": ("presets",)}
 _SCALARS = {"bool": bool, "int": int, "float": float, "str": str}
 
 
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler for parallel ask/tell workers.
+
+    Optuna gives trial k grid point k of a list it shuffles by the sampler's seed, so workers with different
+    seeds run some points twice and others never; here the list keeps the file's order whatever the seed
+    (the seed then only picks among the points left after a failure). And Optuna's after_trial calls
+    study.stop() once the grid is exhausted, which raises outside study.optimize (our workers tell trials
+    themselves); here the budget (n_trials = grid size) stops the study instead.
+    """
+
+    def __init__(self, search_space: dict[str, list[Any]], seed: int | None = None) -> None:
+        super().__init__(search_space, seed)
+        self._all_grids = list(itertools.product(*self._search_space.values()))  # Optuna's order, unshuffled
+
+    def after_trial(self, study, trial, state, values) -> None:  # noqa: ANN001 - Optuna's signature
+        pass
+
+
 class StudySpecError(ValueError):
     """A problem in a study file; the message is always "<file>: <field>: <problem>"."""
+
+
+def grid_key(value: Any) -> str:
+    """The one spelling of a grid value used as a [reference] key and to look a trial's row up:
+    a preset or categorical string as is, true/false, an int in decimal, a float as Python's repr
+    (1e-05, 2e-05, 0.0001, 0.35)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
 
 
 def _accepts(value: Any, types: tuple[type, ...]) -> bool:
@@ -108,6 +140,9 @@ class StudySpec:
     space: dict[str, ParamSpec]
     sampler: dict[str, Any]
     pruner: dict[str, Any]
+    # published scores per grid point: {grid_key(value): {"sst": .., "para": .., "sts": .., "overall": ..}}
+    reference: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    reference_source: str = ""  # where the reference numbers come from
 
     @property
     def epochs(self) -> int:
@@ -120,11 +155,16 @@ class StudySpec:
             return None
         return math.prod(len(p.grid_values() or ()) for p in self.space.values())
 
+    def grid_key(self, params: dict[str, Any]) -> str:
+        """The [reference] key of a trial of this (one-parameter) grid, from its params."""
+        (name,) = self.space
+        return grid_key(params[name])
+
     def make_sampler(self, seed: int | None = None) -> optuna.samplers.BaseSampler:
         """The sampler; `seed`, when given, overrides [sampler].seed."""
         kwargs = {k: v for k, v in self.sampler.items() if k != "type"} | ({} if seed is None else {"seed": seed})
         if self.sampler["type"] == "grid":
-            return optuna.samplers.GridSampler({p.name: p.grid_values() for p in self.space.values()}, **kwargs)
+            return GridSampler({p.name: p.grid_values() for p in self.space.values()}, **kwargs)
         return SAMPLERS[self.sampler["type"]](**kwargs)
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
@@ -167,7 +207,8 @@ class StudySpec:
         """JSON-serialisable: the TOML layout plus name and path, for recording on the study."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {**out, "path": _display(self.path), "train": dict(self.train), "sampler": dict(self.sampler),
-                "pruner": dict(self.pruner), "space": {n: p.to_dict() for n, p in self.space.items()}}
+                "pruner": dict(self.pruner), "space": {n: p.to_dict() for n, p in self.space.items()},
+                "reference": {k: dict(v) for k, v in self.reference.items()}}
 
 
 class _Loader:
@@ -240,10 +281,14 @@ class _Loader:
         n_trials = self.integer("n_trials", raw.get("n_trials", grid), 1)
         if grid is not None and n_trials > grid:
             self.fail("n_trials", f"{n_trials} exceeds the grid size ({grid})")
+        if not isinstance(raw.get("reference_source", ""), str):
+            self.fail("reference_source", "must be a string")
+        reference = self.reference(raw.get("reference", {}), space, grid is not None)
         spec = StudySpec(name or self.path.stem, self.path, raw.get("description", ""),
                          self.choice("direction", raw.get("direction"), DIRECTIONS),
                          self.choice("metric", raw.get("metric"), METRICS), n_trials,
-                         self.integer("keep_best", raw.get("keep_best", 1), 0), train, space, sampler, pruner)
+                         self.integer("keep_best", raw.get("keep_best", 1), 0), train, space, sampler, pruner,
+                         reference, raw.get("reference_source", ""))
         for section, build in (("sampler", spec.make_sampler), ("pruner", spec.make_pruner)):
             try:
                 build()
@@ -303,6 +348,45 @@ class _Loader:
             self.check_config(where, {**train, name: number(value)})
         return ParamSpec(name, kind, number(low), number(high), log, None if step is None else number(step))
 
+    def reference(self, raw: Any, space: dict[str, ParamSpec], is_grid: bool) -> dict[str, dict[str, float]]:
+        """[reference]: one row of published scores per grid point, keyed by the point's grid_key()."""
+        raw = self.table("reference", raw)
+        if raw and not (is_grid and len(space) == 1):
+            self.fail("reference", "needs a grid sampler over one parameter (its keys are that parameter's values)")
+        out: dict[str, dict[str, float]] = {}
+        for key, row in raw.items():
+            where = f"reference.{key}"
+            (param,) = space.values()
+            value = self.grid_value(where, key, param)
+            if grid_key(value) in out:
+                self.fail(where, f"the same grid value as another row ({grid_key(value)})")
+            row = self.table(where, row)
+            if not row:
+                self.fail(where, f"empty (give any of: {', '.join(REFERENCE_METRICS)})")
+            for metric, score in row.items():
+                if metric not in REFERENCE_METRICS:
+                    self.fail(f"{where}.{metric}", f"unknown metric (allowed: {', '.join(REFERENCE_METRICS)})")
+                if not _accepts(score, (float,)) or not -1.0 <= score <= 1.0:
+                    self.fail(f"{where}.{metric}", f"must be a number in [-1, 1], got {score!r}")
+            out[grid_key(value)] = {m: float(row[m]) for m in REFERENCE_METRICS if m in row}
+        return out
+
+    def grid_value(self, where: str, key: str, param: ParamSpec) -> Any:
+        """The grid value of `param` that a [reference] key names: numbers compare as numbers."""
+        values = param.grid_values()
+        for value in values:
+            if key == grid_key(value):
+                return value
+        if all(_accepts(v, (float,)) for v in values):
+            try:
+                number = float(key)
+            except ValueError:
+                number = None
+            for value in values:
+                if number is not None and math.isclose(number, value, rel_tol=1e-9, abs_tol=0.0):
+                    return value
+        self.fail(where, f"not a value of space.{param.name} (grid: {', '.join(grid_key(v) for v in values)})")
+
     def options(self, section: str, raw: Any, classes: dict[str, type], skip: tuple[str, ...] = ()) -> dict[str, Any]:
         """[sampler] / [pruner]: a known type plus keyword arguments its Optuna class accepts."""
         raw = self.table(section, raw)
@@ -322,6 +406,13 @@ class _Loader:
 def list_studies() -> list[str]:
     """Names of the studies in STUDIES_DIR."""
     return sorted(p.stem for p in STUDIES_DIR.glob("*.toml"))
+
+
+def spec_from_dict(data: dict[str, Any]) -> StudySpec:
+    """A spec recorded on a study (StudySpec.to_dict(), the study's user attr "spec"), validated again."""
+    path = Path(data.get("path") or f"{data['name']}.toml")
+    raw = {k: v for k, v in data.items() if k not in ("name", "path")}
+    return _Loader(path if path.is_absolute() else STUDIES_DIR.parent / path).parse(raw, data["name"])
 
 
 def load_spec(name_or_path: str | Path) -> StudySpec:
