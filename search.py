@@ -58,7 +58,8 @@ def worker_devices(workers: int | None, per_gpu: int) -> list[str]:
 
 
 def start_workers(study: str, url: str, devices: list[str], args: argparse.Namespace, log_dir: Path) -> list:
-    """Start worker.py processes; the storage URL travels in the environment, never in argv."""
+    """Start worker.py processes on `study` (a name or a file path); the storage URL travels in the
+    environment, never in argv. With --seed S, worker i samples with seed S + i."""
     log_dir.mkdir(parents=True, exist_ok=True)
     passthrough = []
     for flag in ("n_trials", "epochs", "max_examples", "model", "data_dir"):
@@ -70,8 +71,9 @@ def start_workers(study: str, url: str, devices: list[str], args: argparse.Names
     procs = []
     for i, device in enumerate(devices):
         log = open(log_dir / f"worker-{i}.log", "a")
+        seed = [] if args.seed is None else ["--seed", str(args.seed + i)]
         cmd = [sys.executable, str(ROOT / "worker.py"), "--study", study, "--device", device, "--no-progress",
-               *passthrough]
+               *seed, *passthrough]
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log))
         logger.info("worker %d on %s (log: %s)", i, device, log.name)
     return procs
@@ -184,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes here (default: one per visible GPU, else 1 on CPU)")
     parser.add_argument("--workers-per-gpu", type=int, default=1, help="pack several trials on each GPU")
-    parser.add_argument("--seed", type=int, default=None, help="sampler seed used when creating the study")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="sampler seed: worker i gets SEED + i (default: the study file's, else random)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--status", action="store_true", help="print progress and leaderboard; run nothing")
     mode.add_argument("--dashboard", action="store_true", help="start optuna-dashboard on the study's storage")
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.status:
         devices = worker_devices(args.workers, args.workers_per_gpu)
         log_dir = storage_lib.STORAGE_DIR / "logs" / spec.name
-        procs = start_workers(spec.name, url, devices, args, log_dir)
+        procs = start_workers(args.study, url, devices, args, log_dir)
         try:
             follow(study, spec, procs)
             for p, _ in procs:  # the budget is met: workers exit by themselves

@@ -238,7 +238,8 @@ class Worker:
             with warnings.catch_warnings():  # a resumed epoch may have been reported before the crash
                 warnings.simplefilter("ignore")
                 trial.report(value, result.epoch)
-            if trial.should_prune():
+            # after the last epoch the work is done: keep the result rather than prune it
+            if result.epoch < cfg.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {result.epoch}: {self.spec.metric} {value:.4f}")
 
         logger.info("trial %d%s: %s", trial.number, f" (retry of {root})" if history else "", trial.params)

@@ -227,3 +227,32 @@ def test_search_runs_a_study_and_never_shows_the_password(tmp_path, tiny_model, 
         assert password not in text
     study = load(clean_pg_url, "demo")
     assert study.user_attrs["spec"]["name"] == "demo"
+    assert len([t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 2
+
+
+def test_a_trial_is_never_pruned_after_its_last_epoch(tmp_path, tiny_model, tiny_data, monkeypatch):
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)  # a pruner that always says stop
+    study_file = write_study(tmp_path, "last", tiny_model, tiny_data, n_trials=2, epochs=2)
+    spec = load_spec(study_file)
+    study = open_study(spec, f"sqlite:///{tmp_path / 'l.db'}", {})
+    Worker(study, spec, device="cpu", progress=False, checkpoint_root=tmp_path / "ck").run()
+    assert [len(t.intermediate_values) for t in study.trials] == [1, 1]  # pruned after epoch 1 of 2
+    spec1, _ = spec.with_overrides(epochs=1, n_trials=3)
+    Worker(study, spec1, device="cpu", progress=False, checkpoint_root=tmp_path / "ck").run()
+    assert study.trials[2].state == TrialState.COMPLETE  # its only epoch was its last: the result is kept
+
+
+def test_search_passes_the_study_file_and_a_seed_per_worker_to_its_workers(tmp_path, monkeypatch):
+    import argparse
+
+    import search
+
+    launched = []
+    monkeypatch.setattr(search.subprocess, "Popen", lambda cmd, **kw: launched.append((cmd, kw["env"])))
+    args = argparse.Namespace(seed=5, n_trials=None, epochs=2, max_examples=None, model=None, data_dir=None)
+    search.start_workers("/some/where/x.toml", "sqlite:///secret.db", ["cpu", "cpu"], args, tmp_path)
+    for i, (cmd, env) in enumerate(launched):
+        assert cmd[cmd.index("--study") + 1] == "/some/where/x.toml"
+        assert cmd[cmd.index("--seed") + 1] == str(5 + i)
+        assert cmd[cmd.index("--epochs") + 1] == "2"
+        assert env["MTBERT_STORAGE"] == "sqlite:///secret.db" and "sqlite:///secret.db" not in cmd
