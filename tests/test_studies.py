@@ -118,9 +118,9 @@ def test_lr_dropout_is_the_documented_example() -> None:
     assert spec.space["batch_size"] == ParamSpec("batch_size", "int", 8, 40, step=8)
     assert spec.space["hidden_dropout_prob"] == ParamSpec("hidden_dropout_prob", "float", 0.2, 0.5)
     assert spec.sampler == {"type": "tpe", "constant_liar": True, "n_startup_trials": 8}
-    assert spec.pruner == {"type": "median", "n_startup_trials": 5, "n_warmup_steps": 1}
+    assert spec.pruner == {"type": "hyperband", "min_resource": 1, "reduction_factor": 3}  # docs/pruning.md
     assert isinstance(spec.make_sampler(), optuna.samplers.TPESampler)
-    assert isinstance(spec.make_pruner(), optuna.pruners.MedianPruner)
+    assert isinstance(spec.make_pruner(), optuna.pruners.HyperbandPruner)
     assert spec.grid_size is None
 
 
