@@ -86,7 +86,7 @@ def trial_counts(study: optuna.Study) -> Counter:
 def device_name(device: str) -> str:
     import torch
 
-    from mtbert.train import resolve_device
+    from mtbert.config import resolve_device
 
     d = resolve_device(device)
     return torch.cuda.get_device_name(d) if d.type == "cuda" else "cpu"

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig, resolve_data_dir
+from .config import TrainConfig, resolve_data_dir, resolve_device
 from .data import TASKS, RawTask, TaskStream, load_splits, read_task, task_path
 from .model import MultitaskBert, load_pretrained
 from .inputs import input_mode
-from .train import build_optimizer, resolve_device, train_step
+from .train import build_optimizer, train_step
 
 logger = logging.getLogger(__name__)
 

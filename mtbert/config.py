@@ -95,6 +95,15 @@ def resolve_data_dir(data_dir: str | None) -> Path:
     return Path(data_dir or os.environ.get("MTBERT_DATA_DIR") or "data")
 
 
+def resolve_device(name: str):
+    """'auto' -> the first GPU if there is one, else the CPU; anything else as torch reads it."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def resolve_model_name(model: str) -> str:
     """Turn the "default" sentinel into a real path, importing the model package only if needed."""
     if model != DEFAULT_MODEL:

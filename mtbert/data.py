@@ -200,7 +200,8 @@ def load_splits(data_dir: Path, tokenizer, splits: tuple[str, ...] = ("train", "
 # ---------------------------------------------------------------- batching
 
 
-def bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, pool: int = 32) -> list[np.ndarray]:
+def bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int | tuple[int, ...],
+                     pool: int = 32) -> list[np.ndarray]:
     """Shuffle, sort by length inside pools of `pool` batches, cut into batches, shuffle the batches.
 
     Batches hold similar lengths (little padding) while the order stays random. Fully determined by
@@ -256,7 +257,7 @@ class TaskStream:
 
     def _build(self, pass_index: int) -> None:
         seed = (self.seed, TASKS.index(self.data.task), pass_index)
-        batches = bucketed_batches(self.lengths, self.batch_size, np.random.SeedSequence(seed).generate_state(1)[0])
+        batches = bucketed_batches(self.lengths, self.batch_size, seed)
         order = torch.from_numpy(np.concatenate(batches).astype(np.int64))
         device = self.data.columns[0].ids.device
         if device.type == "cuda":  # one pinned copy per pass instead of one per step

@@ -115,8 +115,7 @@ def predict_files(model: nn.Module, tokenizer, data_dir: Path, out_dir: Path, ma
 
 def main(argv: list[str] | None = None) -> None:
     from .checkpoint import load_model
-    from .config import resolve_data_dir
-    from .train import resolve_device
+    from .config import resolve_data_dir, resolve_device
 
     parser = argparse.ArgumentParser(description="Score a saved run on dev and write CS224N prediction files.")
     parser.add_argument("--checkpoint", required=True, help="run folder written by mtbert.train (--out)")

@@ -11,6 +11,7 @@ import argparse
 import copy
 import json
 import logging
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -18,16 +19,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_states, write_run_files
-from .config import TrainConfig, add_config_arguments, resolve_data_dir
+from .config import TrainConfig, add_config_arguments, resolve_data_dir, resolve_device
 from .data import TASKS, Batch, TaskData, TaskStream, load_splits
-from .inputs import embed_pieces, input_mode
 from .evaluate import evaluate
+from .inputs import embed_pieces, input_mode
 from .model import MultitaskBert, load_pretrained
 
 logger = logging.getLogger(__name__)
@@ -85,17 +87,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     return Prepared(tokenizer, encoder, splits["train"], splits["dev"], prepare_key(cfg))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -34,7 +34,7 @@ def export_best(study: optuna.Study, spec: StudySpec, out_dir: Path, data_dir: s
     from mtbert.checkpoint import load_model
     from mtbert.config import resolve_data_dir
     from mtbert.evaluate import predict_files
-    from mtbert.train import resolve_device
+    from mtbert.config import resolve_device
 
     best = best_trial(study, spec)
     if best is None:

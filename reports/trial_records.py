@@ -137,7 +137,7 @@ def write_dev_predictions(checkpoint: Path, dev_data: dict[str, Any], out_dir: P
     """CS224N-format dev prediction CSVs of the checkpoint's model (its last epoch) on `dev_data`."""
     from mtbert.checkpoint import load_model
     from mtbert.evaluate import OUTPUT_FILES, predict, write_predictions
-    from mtbert.train import resolve_device
+    from mtbert.config import resolve_device
 
     model, _tokenizer, cfg = load_model(checkpoint, "cpu")
     device = resolve_device(cfg.device)
