@@ -11,7 +11,7 @@
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 EPOCHS=${EPOCHS:-2}
-BENCH_ARGS=${BENCH_ARGS:---shapes bert-base --batch-sizes 16 32 --compile --steps 60 --warmup 10}
+BENCH_ARGS=${BENCH_ARGS:---shapes bert-base --batch-sizes 16 32 --compile --packing --steps 60 --warmup 10}
 STUDY_ARGS=${STUDY_ARGS:-}   # e.g. "--max-examples 16" for a dry run on a CPU
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
