@@ -103,6 +103,7 @@ class Worker:
         self.progress, self.max_failures, self.poll_seconds = progress, max_failures, poll_seconds
         self.checkpoint_root = (checkpoint_root or storage_lib.checkpoint_dir()) / spec.name
         self.prepared = None  # tokenizer, pretrained encoder and data: loaded once, shared by trials
+        self.dev_predictions = None  # of the running trial's last trained epoch
         self.stop_requested = False
         self.in_trial = False
         self.gave_up = False
@@ -186,11 +187,9 @@ class Worker:
             if self.artifact_store is None:
                 self.artifact_store = storage_lib.artifact_store()
             dev = self.prepared.dev if self.prepared is not None else None
-            record_trial(self.study, trial, dev, self.artifact_store, state, value)
+            record_trial(self.study, trial, dev, self.artifact_store, state, value, self.dev_predictions)
         except Exception as exc:
             logger.warning("trial %d: note and artifacts not recorded: %s: %s", trial.number, type(exc).__name__, exc)
-        finally:
-            free_accelerator_memory()
 
     def hand_back(self, trial: optuna.Trial) -> None:
         """Fail the trial now and queue its retry (it resumes from its checkpoint) under the lock."""
@@ -221,6 +220,7 @@ class Worker:
         trial.set_user_attr("config", cfg.to_dict())
         epoch_seconds: list[float] = []
         per_epoch: list[dict[str, Any]] = []  # user attr `history`: the dashboard note's rows
+        self.dev_predictions = None
 
         def on_epoch(result) -> None:
             value = result.metrics[self.spec.metric]
@@ -228,11 +228,12 @@ class Worker:
                 trial.set_user_attr("resumed_from_epoch", result.epoch)
             else:
                 epoch_seconds.append(round(result.seconds, 2))
-            for key in ("sst_acc", "quora_acc", "sts_corr", "overall"):
-                trial.set_user_attr(key, result.metrics[key])
+            self.dev_predictions = result.predictions  # what the artifacts show: the last epoch's
+            scores = {k: result.metrics[k] for k in ("sst_acc", "quora_acc", "sts_corr", "overall")}
+            for key, score in scores.items():
+                trial.set_user_attr(key, score)
             trial.set_user_attr("epochs_done", result.epoch)
             trial.set_user_attr("epoch_seconds", epoch_seconds)
-            scores = {k: result.metrics[k] for k in ("sst_acc", "quora_acc", "sts_corr", "overall")}
             per_epoch.append({"epoch": result.epoch, **scores, "seconds": round(result.seconds, 2)})
             trial.set_user_attr("history", per_epoch)
             with warnings.catch_warnings():  # a resumed epoch may have been reported before the crash

@@ -77,10 +77,11 @@ def score(task: str, pred: np.ndarray, labels: torch.Tensor) -> float:
 
 
 def evaluate(model: nn.Module, dev: dict[str, TaskData], batch_size: int = 256, amp: bool = False,
-             mode: str | None = None) -> dict[str, float]:
-    """Dev metrics of all three tasks (see summarize)."""
-    scores = {t: score(t, predict(model, dev[t], batch_size, amp, mode), dev[t].labels) for t in TASKS}
-    return summarize(scores["sst"], scores["quora"], scores["sts"])
+             mode: str | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Dev metrics of all three tasks (see summarize) and the predictions they were computed from."""
+    predictions = {t: predict(model, dev[t], batch_size, amp, mode) for t in TASKS}
+    scores = {t: score(t, predictions[t], dev[t].labels) for t in TASKS}
+    return summarize(scores["sst"], scores["quora"], scores["sts"]), predictions
 
 
 def write_predictions(path: Path, task: str, ids: list[str], pred: np.ndarray) -> None:

@@ -54,9 +54,12 @@ class EpochResult:
     seconds: float  # wall time of the epoch, training and evaluation
     step: int  # optimizer steps so far
     resumed: bool = False  # True: replayed from a checkpoint, not trained in this call
+    # dev predictions behind `metrics` (task -> array in dev order); None for replayed epochs
+    predictions: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The JSON-able part (what the checkpoint's history keeps): everything but the predictions."""
+        return {k: v for k, v in asdict(self).items() if k != "predictions"}
 
 
 EpochCallback = Callable[[EpochResult], "bool | None"]  # return True to stop training
@@ -229,8 +232,9 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
                 if progress:
                     bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.3f}", refresh=False)
         bar.close()
-        metrics = evaluate(model, dev_data, cfg.eval_batch_size, amp, mode)
-        result = EpochResult(epoch + 1, metrics, loss_sum.item() / max(1, len(plan)), time.perf_counter() - t0, step)
+        metrics, predictions = evaluate(model, dev_data, cfg.eval_batch_size, amp, mode)
+        result = EpochResult(epoch + 1, metrics, loss_sum.item() / max(1, len(plan)), time.perf_counter() - t0, step,
+                             predictions=predictions)
         history.append({k: v for k, v in result.to_dict().items() if k != "resumed"})
         results.append(result)
         logger.info("epoch %d/%d: loss %.4f | sst %.3f quora %.3f sts %.3f | overall %.4f | %.0fs", epoch + 1,

@@ -32,22 +32,23 @@ _warned_no_dashboard = False
 
 
 def record_trial(study: optuna.Study, trial: optuna.Trial, dev_data: dict[str, Any] | None,
-                 artifact_store: "ArtifactStore", state: TrialState, value: float | None = None) -> None:
+                 artifact_store: "ArtifactStore", state: TrialState, value: float | None = None,
+                 predictions: dict[str, Any] | None = None) -> None:
     """Save the dashboard note of `trial` (still running, about to be told `state`) and upload its artifacts.
 
     dev_data: the worker's tokenised dev splits (mtbert TaskData per task, capped by max_examples);
-    None skips the prediction CSVs, as does a missing checkpoint folder (user attr `checkpoint`).
+    predictions: the trainer's dev predictions of the trial's last trained epoch (EpochResult.predictions),
+    written as CS224N CSVs; without either (e.g. a retry pruned on a replayed epoch), no CSVs.
     """
     metric = (study.metric_names or ["value"])[0]
     save_trial_note(trial, trial_note(trial, state, value, dev_data, metric))
     with tempfile.TemporaryDirectory(prefix=f"trial-{trial.number}-") as tmp:
         folder = Path(tmp)
         files = [write_metrics_json(folder / "metrics.json", trial, state, value, dev_data)]
-        checkpoint = trial.user_attrs.get("checkpoint")
-        if dev_data is not None and checkpoint and (Path(checkpoint) / "checkpoint.pt").is_file():
-            files += write_dev_predictions(Path(checkpoint), dev_data, folder)
-        elif dev_data is not None:
-            logger.warning("trial %d: no checkpoint at %s, no dev prediction CSVs", trial.number, checkpoint)
+        if dev_data is not None and predictions is not None:
+            files += write_dev_predictions(dev_data, predictions, folder)
+        else:
+            logger.info("trial %d: no dev predictions of a trained epoch, no prediction CSVs", trial.number)
         for path in files:
             upload_artifact(artifact_store=artifact_store, file_path=str(path), study_or_trial=trial)
     logger.info("trial %d: note and %d artifact(s) recorded", trial.number, len(files))
@@ -133,22 +134,13 @@ def write_metrics_json(path: Path, trial: optuna.Trial, state: TrialState, value
     return path
 
 
-def write_dev_predictions(checkpoint: Path, dev_data: dict[str, Any], out_dir: Path) -> list[Path]:
-    """CS224N-format dev prediction CSVs of the checkpoint's model (its last epoch) on `dev_data`."""
-    from mtbert.checkpoint import load_model
-    from mtbert.evaluate import OUTPUT_FILES, predict, write_predictions
-    from mtbert.config import resolve_device
+def write_dev_predictions(dev_data: dict[str, Any], predictions: dict[str, Any], out_dir: Path) -> list[Path]:
+    """CS224N-format dev prediction CSVs (ids from the tokenised dev splits, values from the trainer)."""
+    from mtbert.evaluate import OUTPUT_FILES, write_predictions
 
-    model, _tokenizer, cfg = load_model(checkpoint, "cpu")
-    device = resolve_device(cfg.device)
-    model = model.to(device)
     paths = []
-    try:
-        for task, data in dev_data.items():
-            pred = predict(model, data.to(device), cfg.eval_batch_size, amp=cfg.amp and device.type == "cuda")
-            path = out_dir / f"{OUTPUT_FILES[task][0]}-dev-output.csv"
-            write_predictions(path, task, data.ids, pred)
-            paths.append(path)
-    finally:
-        del model
+    for task, data in dev_data.items():
+        path = out_dir / f"{OUTPUT_FILES[task][0]}-dev-output.csv"
+        write_predictions(path, task, data.ids, predictions[task])
+        paths.append(path)
     return paths
