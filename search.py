@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 import storage as storage_lib
 from reports.ranking import best_trial, leaderboard
 from studies import StudySpec, StudySpecError
-from worker import FINISHED, add_override_arguments, configure_logging, load_study_spec, open_study, trial_counts
+from worker import FINISHED, OVERRIDE_FLAGS, add_override_arguments, configure_logging, load_study_spec, open_study, trial_counts
 
 logger = logging.getLogger("search")
 ROOT = Path(__file__).resolve().parent
@@ -62,7 +62,7 @@ def start_workers(study: str, url: str, devices: list[str], args: argparse.Names
     environment, never in argv. With --seed S, worker i samples with seed S + i."""
     log_dir.mkdir(parents=True, exist_ok=True)
     passthrough = []
-    for flag in ("n_trials", "epochs", "max_examples", "model", "data_dir"):
+    for flag in OVERRIDE_FLAGS:
         if getattr(args, flag) is not None:
             passthrough += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     env = {**os.environ, "MTBERT_STORAGE": url, "TOKENIZERS_PARALLELISM": "false"}

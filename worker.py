@@ -74,11 +74,6 @@ def open_study(spec: StudySpec, url: str | None, overrides: dict[str, Any], seed
     return study
 
 
-def rdb_storage(study: optuna.Study) -> optuna.storages.RDBStorage:
-    """The RDBStorage under the study's cache wrapper (what storage.trial_slot_lock needs)."""
-    return getattr(study._storage, "_backend", study._storage)
-
-
 def trial_counts(study: optuna.Study) -> Counter:
     return Counter(t.state for t in study.get_trials(deepcopy=False))
 
@@ -135,7 +130,7 @@ class Worker:
 
     def claim(self) -> optuna.Trial | str:
         """Under the study's lock: retry dead trials, then start one only if the budget allows."""
-        with storage_lib.trial_slot_lock(rdb_storage(self.study), self.study.study_name):
+        with storage_lib.trial_slot_lock(self.study._storage, self.study.study_name):
             fail_stale_trials(self.study)
             counts = trial_counts(self.study)
             finished = sum(counts[s] for s in FINISHED)
@@ -193,7 +188,7 @@ class Worker:
 
     def hand_back(self, trial: optuna.Trial) -> None:
         """Fail the trial now and queue its retry (it resumes from its checkpoint) under the lock."""
-        with storage_lib.trial_slot_lock(rdb_storage(self.study), self.study.study_name):
+        with storage_lib.trial_slot_lock(self.study._storage, self.study.study_name):
             trial.set_user_attr("fail_reason", "worker stopped by a signal; retried")
             frozen = self.study.tell(trial, state=TrialState.FAIL)
             retry = getattr(self.study._storage, "get_heartbeat_stale_trial_callback", lambda: None)()

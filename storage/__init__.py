@@ -14,7 +14,6 @@ import os
 import re
 import sqlite3
 import threading
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,19 +116,6 @@ def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: object) -> None:
     dbapi_conn.execute("PRAGMA synchronous=NORMAL")
 
 
-def _create_rdb_storage(url: str, kwargs: dict, attempts: int = 5) -> RDBStorage:
-    """RDBStorage(url); workers starting together race to create the tables, so retry that race."""
-    for attempt in range(attempts):
-        try:
-            return RDBStorage(url, **kwargs)
-        except sqlalchemy.exc.SQLAlchemyError as exc:
-            text = str(exc).lower()
-            if attempt == attempts - 1 or not ("already exists" in text or "duplicate key" in text):
-                raise
-            time.sleep(0.2 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
 @contextlib.contextmanager
 def _init_lock(url: str, db_file: Path | None) -> Iterator[None]:
     """Serialise storage setup across processes: Optuna's table creation races otherwise."""
@@ -195,7 +181,7 @@ def open_storage(url: str | None = None, *, heartbeat: bool = True) -> RDBStorag
                         inherit_intermediate_values=True,
                     ),
                 )
-            storage = _create_rdb_storage(url, kwargs)
+            storage = RDBStorage(url, **kwargs)
     except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, ImportError, OSError) as exc:
         failure = _reason(exc, parsed.password)
     if failure is not None:  # raised outside `except`: no chained exception carries the URL
