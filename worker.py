@@ -107,7 +107,15 @@ class Worker:
 
     def run(self) -> int:
         """Run trials until the budget is met, a stop is requested or `max_failures` trials in a row
-        failed (then self.gave_up is set); return how many trials this worker ran."""
+        failed (then self.gave_up is set); return how many trials this worker ran.
+
+        The model and data are loaded before the first trial is claimed, so a missing data folder
+        or an unloadable model is one error (mtbert's DataError / ModelLoadError) and no failed trials.
+        """
+        counts = trial_counts(self.study)
+        if sum(counts[s] for s in FINISHED) >= self.spec.n_trials:
+            return 0
+        self.prepare()
         ran, failures = 0, 0
         while not self.stop_requested:
             trial = self.claim()
@@ -127,6 +135,15 @@ class Worker:
                 self.gave_up = True
                 break
         return ran
+
+    def prepare(self, cfg=None) -> None:
+        """Tokenizer, pretrained encoder and tokenised data for `cfg` (default: the study's fixed values)."""
+        from mtbert.config import TrainConfig
+        from mtbert.train import prepare
+
+        cfg = cfg or TrainConfig().replace(**self.spec.train)
+        if self.prepared is None or not self.prepared.matches(cfg):
+            self.prepared = prepare(cfg)
 
     def claim(self) -> optuna.Trial | str:
         """Under the study's lock: retry dead trials, then start one only if the budget allows."""
@@ -200,12 +217,11 @@ class Worker:
 
     def train_trial(self, trial: optuna.Trial) -> float:
         from mtbert.config import TrainConfig
-        from mtbert.train import prepare, train
+        from mtbert.train import train
 
         values = self.spec.suggest(trial)
         cfg = TrainConfig().replace(**{**values, **({"device": self.device} if self.device else {})})
-        if self.prepared is None or not self.prepared.matches(cfg):
-            self.prepared = prepare(cfg)
+        self.prepare(cfg)  # a no-op unless the space searches the model or the data
         history = RetryHeartbeatStaleTrialCallback.retry_history(trial.study._storage.get_trial(trial._trial_id))
         root = history[0] if history else trial.number
         out = self.checkpoint_root / f"trial-{root}"
@@ -323,7 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(study, spec, device=device, progress=args.progress, max_failures=args.max_failures,
                     poll_seconds=args.poll_seconds)
     worker.install_signal_handlers()
-    ran = worker.run()
+    from mtbert.data import DataError
+    from mtbert.model import ModelLoadError
+
+    try:
+        ran = worker.run()
+    except (DataError, ModelLoadError) as exc:
+        logger.error("%s", exc)
+        return 2
     counts = trial_counts(study)
     logger.info("worker done: ran %d trial(s); study %s has %d complete, %d pruned, %d failed of %d", ran,
                 spec.name, counts[TrialState.COMPLETE], counts[TrialState.PRUNED], counts[TrialState.FAIL],

@@ -265,6 +265,10 @@ def main(argv: list[str] | None = None) -> None:
     except (NonFiniteLossError, ValueError, RuntimeError) as exc:
         logger.error("%s", exc)
         sys.exit(1)
+    except KeyboardInterrupt:
+        logger.warning("interrupted: %s", f"{args.out} holds the last finished epoch; the same command resumes it"
+                       if args.out else "nothing was saved (no --out)")
+        sys.exit(130)
     final = results[-1]
     best = max(results, key=lambda r: r.metrics["overall"])
     print(json.dumps({"epoch": final.epoch, **final.metrics, "best_epoch": best.epoch,

@@ -256,3 +256,13 @@ def test_search_passes_the_study_file_and_a_seed_per_worker_to_its_workers(tmp_p
         assert cmd[cmd.index("--seed") + 1] == str(5 + i)
         assert cmd[cmd.index("--epochs") + 1] == "2"
         assert env["MTBERT_STORAGE"] == "sqlite:///secret.db" and "sqlite:///secret.db" not in cmd
+
+
+def test_missing_data_is_one_clear_error_and_no_failed_trial(tmp_path, tiny_model, env):
+    study_file = write_study(tmp_path, "nodata", tiny_model, tmp_path / "no-such-folder", n_trials=2, epochs=1)
+    url = f"sqlite:///{tmp_path / 'n.db'}"
+    proc = start_worker(study_file, url, env)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 2
+    assert "no-such-folder/ids-sst-train.csv: file not found" in out and "Traceback" not in out
+    assert load(url, "nodata").trials == []
