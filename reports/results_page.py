@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import shlex
 import sys
 from collections.abc import Callable
@@ -26,6 +25,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 import storage as storage_lib
+from reports.markdown import markdown_table, number
 from studies import StudySpec, StudySpecError, grid_key, load_spec, spec_from_dict
 
 logger = logging.getLogger(__name__)
@@ -164,10 +164,6 @@ def read_study(storage: optuna.storages.BaseStorage, name: str) -> StudyResults 
 # ------------------------------------------------------------ formatting
 
 
-def fmt(x: float | None, digits: int = 3) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
 def fmt_seconds(s: float | None) -> str:
     if s is None:
         return "–"
@@ -184,11 +180,6 @@ def data_text(max_examples: int) -> str:
     return f"{max_examples} per task/split" if max_examples > 0 else "full"
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows])
-
-
 def study_table(res: StudyResults) -> str:
     header = ["configuration", *(f"{HEADERS[m]} (ours / report)" for m in SCORES.values()),
               "model", "data", "epochs", "device", "wall time"]
@@ -198,11 +189,11 @@ def study_table(res: StudyResults) -> str:
         ours = [r for r in res.rows if r.key == key]
         for r in ours:
             rows.append([f"{res.label(key)} (#{r.number})",
-                         *(f"{fmt(r.scores[m])} / {fmt(ref.get(m))}" for m in SCORES.values()),
+                         *(f"{number(r.scores[m], '.3f', '–')} / {number(ref.get(m), '.3f', '–')}" for m in SCORES.values()),
                          short_model(r.model), data_text(r.max_examples), str(r.epochs), r.device,
                          fmt_seconds(r.seconds)])
         if not ours:
-            rows.append([f"{res.label(key)} (not run)", *(f"– / {fmt(ref.get(m))}" for m in SCORES.values()),
+            rows.append([f"{res.label(key)} (not run)", *(f"– / {number(ref.get(m), '.3f', '–')}" for m in SCORES.values()),
                          "–", "–", "–", "–", "–"])
     return markdown_table(header, rows)
 

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import shlex
 import warnings
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 import storage as storage_lib
 from reports.ranking import best_trial, leaderboard
-from reports.trial_records import markdown_table
+from reports.markdown import markdown_table, number
 from studies import StudySpec
 
 logger = logging.getLogger(__name__)
@@ -83,7 +82,7 @@ def best_section(spec: StudySpec, best: FrozenTrial | None) -> str:
         f"Trial **#{best.number}**: {spec.metric} **{best.value:.4f}** after {epochs} epoch(s)"
         + (f" on {attrs['device']}" if attrs.get("device") else "") + ".",
         "",
-        markdown_table(["dev score", "value"], [[name, fmt(attrs.get(key))] for key, name in SCORE_NAMES.items()]),
+        markdown_table(["dev score", "value"], [[name, number(attrs.get(key))] for key, name in SCORE_NAMES.items()]),
         "",
         markdown_table(["param", "value"], [[name, repr(value)] for name, value in best.params.items()]),
         "",
@@ -110,7 +109,7 @@ def pruning_section(spec: StudySpec, trials: list[FrozenTrial]) -> str:
     ]
     if pruned:
         rows = [[f"#{t.number}", f"{len(t.intermediate_values)} of {planned_epochs(t, spec)}",
-                 fmt(t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)]
+                 number(t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)]
                 for t in pruned]
         lines += ["", markdown_table(["pruned trial", "epochs trained", f"last {spec.metric}"], rows)]
     return "\n".join(lines)
@@ -217,19 +216,8 @@ def save_plot(draw: Callable[[], Any], path: Path) -> str | None:
     return None
 
 
-def fmt(value: Any, spec: str = ".4f") -> str:
-    """A number in format `spec` (scores: 4 decimals); missing as empty; anything else as str()."""
-    if hasattr(value, "item"):  # numpy scalar
-        value = value.item()
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, float):
-        return format(value, spec)
-    return str(value)
-
-
 def dataframe_table(df: pd.DataFrame, score_columns: set[str]) -> str:
     """Markdown table of `df`: score columns to 4 decimals, seconds to 1, other floats to 4 significant digits."""
     specs = [".4f" if c in score_columns else ".1f" if c == "seconds" else ".4g" for c in df.columns]
-    rows = [[fmt(v, f) for v, f in zip(row, specs)] for row in df.itertuples(index=False)]
+    rows = [[number(v, f) for v, f in zip(row, specs)] for row in df.itertuples(index=False)]
     return markdown_table([str(c) for c in df.columns], rows)

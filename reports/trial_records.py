@@ -19,6 +19,8 @@ import optuna
 from optuna.artifacts import upload_artifact
 from optuna.trial import TrialState
 
+from reports.markdown import markdown_table, number
+
 if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore
 
@@ -69,7 +71,7 @@ def trial_note(trial: optuna.Trial, state: TrialState, value: float | None, dev_
         headline = f"**Trial {trial.number}: complete, {len(history)}{of} epochs**"
     if value is not None:
         headline += f" ({metric} {value:.4f})"
-    rows = [[str(h.get("epoch", ""))] + [_fmt(h.get(k)) for k in SCORES] + [_fmt(h.get("seconds"), 1)]
+    rows = [[str(h.get("epoch", ""))] + [number(h.get(k)) for k in SCORES] + [number(h.get("seconds"), ".1f")]
             for h in history]
     lines = [headline, "", markdown_table(list(NOTE_COLUMNS.values()), rows), "", dev_scope(trial, dev_data)]
     return "\n".join(lines) + "\n"
@@ -97,20 +99,6 @@ def save_trial_note(trial: optuna.Trial, body: str) -> None:
             _warned_no_dashboard = True
         return
     save_note(trial, body)
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A GitHub-flavoured markdown table; the first column left-aligned, the others right-aligned."""
-    align = [":--"] + ["--:"] * (len(header) - 1)
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, align, *rows])
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 # ------------------------------------------------------------ artifacts
