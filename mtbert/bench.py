@@ -17,7 +17,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,12 +26,13 @@ import torch.nn.functional as F
 from .config import TrainConfig, resolve_data_dir, resolve_device
 from .data import TASKS, RawTask, TaskStream, load_splits, read_task, task_path
 from .model import MultitaskBert, load_pretrained
-from .inputs import input_mode
+from .inputs import batch_pieces, encoder_tokens, input_mode
 from .train import build_optimizer, train_step
 
 logger = logging.getLogger(__name__)
 
 # dense bf16 peak, TFLOP/s (for MFU); unknown devices report no MFU
+MODES = ("per_piece", "fused", "packed")  # mtbert.inputs: how a step's sentences reach the encoder
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
@@ -44,13 +45,18 @@ class Measurement:
     sentences: int
     tokens: int  # real (non-padding) tokens
     flops: float
+    # project variants: token positions the encoder computed in each input mode, over the same steps
+    encoder_tokens: dict[str, int] = field(default_factory=dict)
 
     def row(self, peak: float | None) -> dict:
         tflops = self.flops / self.seconds / 1e12
         return {"name": self.name, "batch_size": self.batch_size, "steps": self.steps,
                 "sentences_per_s": round(self.sentences / self.seconds, 1),
                 "tokens_per_s": round(self.tokens / self.seconds, 1),
-                "model_tflops": round(tflops, 2), "mfu": round(tflops / peak, 4) if peak else None}
+                "model_tflops": round(tflops, 2), "mfu": round(tflops / peak, 4) if peak else None,
+                **({"encoder_tokens_per_real_token": {m: round(n / self.tokens, 3)
+                                                      for m, n in self.encoder_tokens.items()}}
+                   if self.encoder_tokens else {})}
 
 
 def flops_per_token(encoder, seq_len: float) -> float:
@@ -116,6 +122,7 @@ def run_project(model, data, cfg: TrainConfig, device, steps: int, warmup: int, 
     mode = input_mode(device, cfg.packing)
     model.train()
     sentences = tokens = 0
+    slots = dict.fromkeys(MODES, 0)
     for step in range(warmup + steps):
         if step == warmup:
             sync(device)
@@ -123,11 +130,13 @@ def run_project(model, data, cfg: TrainConfig, device, steps: int, warmup: int, 
         batches = [streams[t].batch(step) for t in TASKS]
         train_step(model, optimizer, scheduler, streams, batches, amp, cfg.max_grad_norm, mode)
         if step >= warmup:  # counted on the host, from host-side lengths: no sync
-            pieces = [p for b in batches for p in streams[b.task].pieces(b)]
+            pieces = [p for b in batches for p in batch_pieces(streams[b.task], b)]
             sentences += sum(len(p.host_lengths) for p in pieces)
             tokens += sum(int(p.host_lengths.sum()) for p in pieces)
+            for m in MODES:  # padding each input mode would have cost on these very steps
+                slots[m] += encoder_tokens(pieces, m)
     sync(device)
-    return Measurement(name, cfg.batch_size, steps, time.perf_counter() - t0, sentences, tokens, 0.0)
+    return Measurement(name, cfg.batch_size, steps, time.perf_counter() - t0, sentences, tokens, 0.0, slots)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,6 +213,10 @@ def main(argv: list[str] | None = None) -> None:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         print(f"{r['name']:<18}{r['batch_size']:>6}{r['sentences_per_s']:>10.0f}{r['tokens_per_s']:>11.0f}"
               f"{r['model_tflops']:>9.1f}{mfu:>7}{ratio:>7.2f}")
+    for r in rows:
+        if "encoder_tokens_per_real_token" in r:
+            ratios = ", ".join(f"{m} {v:.2f}" for m, v in r["encoder_tokens_per_real_token"].items())
+            print(f"encoder token positions per real token at batch {r['batch_size']} ({r['name']}'s steps): {ratios}")
     print(f"device: {name}; rerun: python -m mtbert.bench {' '.join(sys.argv[1:] if argv is None else argv)}")
 
 

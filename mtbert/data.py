@@ -276,10 +276,3 @@ class TaskStream:
             self._build(pass_index)
         start, end, lengths, host_rows = self._plan[i]
         return Batch(self.data.task, self._rows[start:end], lengths, host_rows)
-
-    def pieces(self, batch: Batch) -> list["Piece"]:
-        """The encoder inputs of a batch: one piece per sentence column."""
-        from .inputs import Piece
-
-        return [Piece(c, batch.rows, n, lengths[batch.host_rows])
-                for c, n, lengths in zip(self.data.columns, batch.lengths, self.column_lengths)]

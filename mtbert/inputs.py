@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import Encoded
+from .data import Batch, Encoded, TaskStream
 
 
 @dataclass
@@ -26,6 +26,12 @@ class Piece:
     rows: torch.Tensor  # on the data's device
     length: int  # padded length of this piece
     host_lengths: np.ndarray  # true length of each of its sentences
+
+
+def batch_pieces(stream: TaskStream, batch: Batch) -> list[Piece]:
+    """The encoder inputs of one batch: one piece per sentence column."""
+    return [Piece(c, batch.rows, n, lengths[batch.host_rows])
+            for c, n, lengths in zip(stream.data.columns, batch.lengths, stream.column_lengths)]
 
 
 def padded(pieces: list[Piece]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,11 +117,24 @@ def input_mode(device: torch.device, packing: bool) -> str:
     return "per_piece" if device.type != "cuda" else ("packed" if packing else "fused")
 
 
+def packed_width(pieces: list[Piece]) -> int:
+    return max(64, -(-max(p.length for p in pieces) // 32) * 32)
+
+
+def encoder_tokens(pieces: list[Piece], mode: str) -> int:
+    """Token positions the encoder computes for `pieces` in `mode`: the real tokens plus padding."""
+    if mode == "packed":
+        width = packed_width(pieces)
+        return _rows_for(np.concatenate([p.host_lengths for p in pieces]), width)[2] * width
+    if mode == "fused":
+        return sum(len(p.host_lengths) for p in pieces) * max(p.length for p in pieces)
+    return sum(len(p.host_lengths) * p.length for p in pieces)
+
+
 def embed_pieces(model, pieces: list[Piece], mode: str) -> list[torch.Tensor]:
     """Sentence vectors of each piece; mode is "per_piece", "fused" or "packed" (see module docstring)."""
     if mode == "packed":
-        width = max(64, -(-max(p.length for p in pieces) // 32) * 32)
-        vecs = [model.embed_packed(pack(pieces, width))]
+        vecs = [model.embed_packed(pack(pieces, packed_width(pieces)))]
     else:
         groups = [pieces] if mode == "fused" else [[p] for p in pieces]
         vecs = [model.embed(*padded(g)) for g in groups]

@@ -29,7 +29,7 @@ from .checkpoint import load_checkpoint, save_checkpoint, set_rng_states, write_
 from .config import TrainConfig, add_config_arguments, resolve_data_dir, resolve_device
 from .data import TASKS, Batch, TaskData, TaskStream, load_splits
 from .evaluate import evaluate
-from .inputs import embed_pieces, input_mode
+from .inputs import batch_pieces, embed_pieces, input_mode
 from .model import MultitaskBert, load_pretrained
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def seed_everything(seed: int) -> None:
 def task_losses(model: MultitaskBert, streams: dict[str, TaskStream], batches: list[Batch],
                 mode: str) -> dict[str, torch.Tensor]:
     """Loss of each task in `batches`; `mode` says how sentences reach the encoder (mtbert.inputs)."""
-    vecs = iter(embed_pieces(model, [p for b in batches for p in streams[b.task].pieces(b)], mode))
+    vecs = iter(embed_pieces(model, [p for b in batches for p in batch_pieces(streams[b.task], b)], mode))
     losses = {}
     for b in batches:
         y = streams[b.task].data.labels[b.rows]

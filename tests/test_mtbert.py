@@ -269,13 +269,13 @@ def test_real_default_model_on_the_shared_data(real_data_dir):
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_packed_inputs_give_the_same_sentence_vectors(tiny_model, tiny_data, pooling):
     from mtbert.data import TaskStream
-    from mtbert.inputs import embed_pieces, pack
+    from mtbert.inputs import batch_pieces, embed_pieces, pack
 
     encoder, tokenizer = load_pretrained(str(tiny_model))
     model = MultitaskBert(encoder, TrainConfig(pooling=pooling)).eval()
     data = load_splits(tiny_data, tokenizer, ("train",))["train"]
     streams = {t: TaskStream(data[t], 8, seed=0) for t in TASKS}
-    pieces = [p for t in TASKS for p in streams[t].pieces(streams[t].batch(0))]
+    pieces = [p for t in TASKS for p in batch_pieces(streams[t], streams[t].batch(0))]
     packed = pack(pieces, width=64)
     assert packed.ids.shape[0] < sum(len(p.host_lengths) for p in pieces)  # several sentences per row
     assert int(packed.lengths.sum()) == sum(int(p.host_lengths.sum()) for p in pieces)
