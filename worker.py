@@ -265,9 +265,9 @@ class Worker:
         if finished.state != TrialState.COMPLETE:
             remove(finished.user_attrs.get("checkpoint"))
             return
-        complete = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                    if t.value is not None and t.user_attrs.get("checkpoint")]
-        complete.sort(key=lambda t: t.value, reverse=self.spec.direction == "maximize")
+        from reports.ranking import ranked_complete
+
+        complete = [t for t in ranked_complete(self.study, self.spec) if t.user_attrs.get("checkpoint")]
         keep = {t.user_attrs["checkpoint"] for t in complete[: self.spec.keep_best]}
         for t in complete[self.spec.keep_best:]:
             if t.user_attrs["checkpoint"] not in keep:

@@ -8,11 +8,15 @@ from optuna.trial import TrialState
 from studies import StudySpec
 
 
-def best_trial(study: optuna.Study, spec: StudySpec) -> optuna.trial.FrozenTrial | None:
+def ranked_complete(study: optuna.Study, spec: StudySpec) -> list[optuna.trial.FrozenTrial]:
+    """The complete trials, best first by the study's direction (pruned trials never rank)."""
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    if not complete:
-        return None
-    return (max if spec.direction == "maximize" else min)(complete, key=lambda t: t.value)
+    return sorted(complete, key=lambda t: t.value, reverse=spec.direction == "maximize")
+
+
+def best_trial(study: optuna.Study, spec: StudySpec) -> optuna.trial.FrozenTrial | None:
+    ranked = ranked_complete(study, spec)
+    return ranked[0] if ranked else None
 
 
 def leaderboard(study: optuna.Study, spec: StudySpec) -> pd.DataFrame:
@@ -26,4 +30,8 @@ def leaderboard(study: optuna.Study, spec: StudySpec) -> pd.DataFrame:
     keep = ["number", "state", spec.metric, "sst_acc", "quora_acc", "sts_corr", *sorted(spec.space),
             "epochs_done", "resumed_from_epoch", "device", "duration", "fail_reason"]
     df = df[[c for c in dict.fromkeys(keep) if c in df.columns]]
-    return df.sort_values(spec.metric, ascending=spec.direction != "maximize", na_position="last")
+    # complete trials first: a pruned trial's value is only its last intermediate one
+    df = df.assign(_pruned=df["state"] != "COMPLETE")
+    df = df.sort_values(["_pruned", spec.metric], ascending=[True, spec.direction != "maximize"],
+                        na_position="last")
+    return df.drop(columns="_pruned")
