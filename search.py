@@ -212,7 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec, overrides = load_study_spec(args.study, args)
         if args.dashboard:
-            run_dashboard(url, args.host, args.port)
+            try:
+                run_dashboard(url, args.host, args.port)
+            except OSError as exc:  # port taken, address not ours
+                logger.error("cannot serve the dashboard on %s:%d: %s (pick another --port)", args.host,
+                             args.port, exc.strerror or exc)
+                return 2
             return 0
         if args.status or args.report or args.export_best:
             study = optuna.load_study(study_name=spec.name, storage=storage_lib.open_storage(url, heartbeat=False))

@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .data import TASKS, TaskData, load_task, sorted_batches, task_path
+from .data import TASKS, DataError, TaskData, load_task, sorted_batches, task_path
 from .inputs import Piece, embed_pieces, input_mode
 
 logger = logging.getLogger(__name__)
@@ -98,11 +99,14 @@ def predict_files(model: nn.Module, tokenizer, data_dir: Path, out_dir: Path, ma
                   batch_size: int = 256, device: torch.device = torch.device("cpu"), amp: bool = False,
                   splits: tuple[str, ...] = ("dev", "test-student")) -> dict[str, float]:
     """Write prediction CSVs for every split file present; return the dev metrics."""
+    present = [(s, t) for s in splits for t in TASKS if task_path(data_dir, t, s).is_file()]
+    if not present:
+        raise DataError(f"{data_dir}: none of the CS224N dev or test-student files is here")
     out_dir.mkdir(parents=True, exist_ok=True)
     scores: dict[str, float] = {}
     for split in splits:
         for task in TASKS:
-            if not task_path(data_dir, task, split).is_file():
+            if (split, task) not in present:
                 logger.warning("%s: not found, no %s predictions for it", task_path(data_dir, task, split), split)
                 continue
             data = load_task(data_dir, task, split, tokenizer, max_length).to(device)
@@ -127,10 +131,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = resolve_device(args.device)
-    model, tokenizer, cfg = load_model(Path(args.checkpoint), device)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "predictions"
-    metrics = predict_files(model, tokenizer, resolve_data_dir(args.data_dir), out, cfg.max_length,
-                            args.batch_size, device, amp=device.type == "cuda")
+    try:
+        model, tokenizer, cfg = load_model(Path(args.checkpoint), device)
+        metrics = predict_files(model, tokenizer, resolve_data_dir(args.data_dir), out, cfg.max_length,
+                                args.batch_size, device, amp=device.type == "cuda")
+    except (FileNotFoundError, DataError) as exc:
+        logger.error("%s", exc)
+        sys.exit(1)
     logger.info("predictions written to %s", out)
     print(json.dumps(metrics))
 

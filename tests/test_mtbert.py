@@ -254,6 +254,12 @@ def test_train_and_evaluate_clis(tiny_model, tiny_data, tmp_path):
     assert (out / "predictions" / "sts-test-output.csv").is_file()
     assert not (out / "predictions" / "para-test-output.csv").exists()  # no Quora test file: skipped
 
+    for bad in (["--checkpoint", str(tmp_path / "nothing")], ["--checkpoint", str(out), "--data-dir", str(tmp_path)]):
+        proc = subprocess.run([sys.executable, "-m", "mtbert.evaluate", *bad], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert "no checkpoint here" in proc.stderr or "none of the CS224N dev or test-student files" in proc.stderr
+
     proc = subprocess.run([sys.executable, "-m", "mtbert.train", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert "--hidden-dropout-prob" in proc.stdout and "--no-multitask" in proc.stdout
 

@@ -266,3 +266,18 @@ def test_missing_data_is_one_clear_error_and_no_failed_trial(tmp_path, tiny_mode
     assert proc.returncode == 2
     assert "no-such-folder/ids-sst-train.csv: file not found" in out and "Traceback" not in out
     assert load(url, "nodata").trials == []
+
+
+def test_dashboard_on_a_taken_port_is_one_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "search.py", "--study", "quickstart", "--dashboard", "--port", str(port),
+                               "--storage", f"sqlite:///{tmp_path / 'd.db'}"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"cannot serve the dashboard on 127.0.0.1:{port}: Address already in use" in proc.stderr
+    assert "Traceback" not in proc.stderr
