@@ -28,9 +28,10 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 import storage as storage_lib
-from reports.ranking import best_trial, leaderboard
+from service.ranking import best_trial, leaderboard
 from studies import StudySpec, StudySpecError
-from worker import FINISHED, OVERRIDE_FLAGS, add_override_arguments, configure_logging, load_study_spec, open_study, trial_counts
+from service.study import (FINISHED, OVERRIDE_FLAGS, add_override_arguments, configure_logging, load_study_spec,
+                           open_study, trial_counts)
 
 logger = logging.getLogger("search")
 ROOT = Path(__file__).resolve().parent

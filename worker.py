@@ -12,70 +12,30 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
 import shutil
 import signal
 import socket
 import sys
 import time
 import warnings
-from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
-from optuna.storages._heartbeat import get_heartbeat_thread  # the same heartbeat study.optimize runs
+from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 
 import storage as storage_lib
-from studies import StudySpec, StudySpecError, load_spec
+from mtbert.tasks import SCORES
+from service import optuna_compat
+from service.study import (FINISHED, add_override_arguments, configure_logging, load_study_spec, open_study,
+                           trial_counts)
+from studies import StudySpec, StudySpecError
 
 logger = logging.getLogger("worker")
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-OVERRIDE_FLAGS = ("n_trials", "epochs", "max_examples", "model", "data_dir")
-
-
 class WorkerInterrupted(BaseException):
     """SIGINT/SIGTERM while a trial runs: hand the trial back for retry."""
-
-
-def add_override_arguments(parser: argparse.ArgumentParser) -> None:
-    """The study-file overrides shared by worker.py and search.py."""
-    group = parser.add_argument_group("overrides of the study file, recorded on the study")
-    group.add_argument("--n-trials", type=int, help="global budget of finished (complete or pruned) trials")
-    group.add_argument("--epochs", type=int, help="epochs per trial")
-    group.add_argument("--max-examples", type=int, help="examples per task and split (0 = all)")
-    group.add_argument("--model", help="HF model id or local folder")
-    group.add_argument("--data-dir", help="CS224N-format data folder")
-
-
-def load_study_spec(name: str, args: argparse.Namespace) -> tuple[StudySpec, dict[str, Any]]:
-    return load_spec(name).with_overrides(**{k: getattr(args, k) for k in OVERRIDE_FLAGS})
-
-
-def open_study(spec: StudySpec, url: str | None, overrides: dict[str, Any], seed: int | None = None,
-               role: str = "worker") -> optuna.Study:
-    """Create or load the study in storage; record the spec and this run's overrides on it."""
-    rdb = storage_lib.open_storage(url)
-    study = optuna.create_study(study_name=spec.name, storage=rdb, direction=spec.direction,
-                                sampler=spec.make_sampler(seed), pruner=spec.make_pruner(), load_if_exists=True)
-    attrs = study.user_attrs
-    if "spec" not in attrs:
-        study.set_user_attr("spec", spec.to_dict())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([spec.metric])
-    if overrides:
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        study.set_user_attr(f"overrides {stamp} {role}@{socket.gethostname()}:{os.getpid()}", overrides)
-    return study
-
-
-def trial_counts(study: optuna.Study) -> Counter:
-    return Counter(t.state for t in study.get_trials(deepcopy=False))
 
 
 def device_name(device: str) -> str:
@@ -147,7 +107,7 @@ class Worker:
 
     def claim(self) -> optuna.Trial | str:
         """Under the study's lock: retry dead trials, then start one only if the budget allows."""
-        with storage_lib.trial_slot_lock(self.study._storage, self.study.study_name):
+        with storage_lib.trial_slot_lock(optuna_compat.rdb_storage(self.study), self.study.study_name):
             fail_stale_trials(self.study)
             counts = trial_counts(self.study)
             finished = sum(counts[s] for s in FINISHED)
@@ -158,7 +118,7 @@ class Worker:
             return self.study.ask()
 
     def run_trial(self, trial: optuna.Trial) -> TrialState:
-        with get_heartbeat_thread(trial._trial_id, self.study._storage):
+        with optuna_compat.heartbeat(self.study, trial):
             try:
                 self.in_trial = True
                 value = self.train_trial(trial)
@@ -192,9 +152,9 @@ class Worker:
         return state
 
     def record(self, trial: optuna.Trial, state: TrialState, value: float | None) -> None:
-        """Dashboard note and artifacts of a finished trial (reports.trial_records); never fails the worker."""
+        """Dashboard note and artifacts of a finished trial (service.trial_records); never fails the worker."""
         try:
-            from reports.trial_records import record_trial
+            from service.trial_records import record_trial
 
             if self.artifact_store is None:
                 self.artifact_store = storage_lib.artifact_store()
@@ -205,12 +165,10 @@ class Worker:
 
     def hand_back(self, trial: optuna.Trial) -> None:
         """Fail the trial now and queue its retry (it resumes from its checkpoint) under the lock."""
-        with storage_lib.trial_slot_lock(self.study._storage, self.study.study_name):
+        with storage_lib.trial_slot_lock(optuna_compat.rdb_storage(self.study), self.study.study_name):
             trial.set_user_attr("fail_reason", "worker stopped by a signal; retried")
             frozen = self.study.tell(trial, state=TrialState.FAIL)
-            retry = getattr(self.study._storage, "get_heartbeat_stale_trial_callback", lambda: None)()
-            if retry is not None:
-                retry(self.study, frozen)
+            optuna_compat.queue_retry(self.study, frozen)
         logger.warning("trial %d handed back for retry", trial.number)
 
     # ------------------------------------------------------------ one trial
@@ -222,7 +180,7 @@ class Worker:
         values = self.spec.suggest(trial)
         cfg = TrainConfig().replace(**{**values, **({"device": self.device} if self.device else {})})
         self.prepare(cfg)  # a no-op unless the space searches the model or the data
-        history = RetryHeartbeatStaleTrialCallback.retry_history(trial.study._storage.get_trial(trial._trial_id))
+        history = optuna_compat.retry_history(self.study, trial)
         root = history[0] if history else trial.number
         out = self.checkpoint_root / f"trial-{root}"
         trial.set_user_attr("checkpoint", str(out))
@@ -240,7 +198,7 @@ class Worker:
             else:
                 epoch_seconds.append(round(result.seconds, 2))
             self.dev_predictions = result.predictions  # what the artifacts show: the last epoch's
-            scores = {k: result.metrics[k] for k in ("sst_acc", "quora_acc", "sts_corr", "overall")}
+            scores = {k: result.metrics[k] for k in SCORES}
             for key, score in scores.items():
                 trial.set_user_attr(key, score)
             trial.set_user_attr("epochs_done", result.epoch)
@@ -265,7 +223,7 @@ class Worker:
         if finished.state != TrialState.COMPLETE:
             remove(finished.user_attrs.get("checkpoint"))
             return
-        from reports.ranking import ranked_complete
+        from service.ranking import ranked_complete
 
         complete = [t for t in ranked_complete(self.study, self.spec) if t.user_attrs.get("checkpoint")]
         keep = {t.user_attrs["checkpoint"] for t in complete[: self.spec.keep_best]}
@@ -301,16 +259,6 @@ def free_accelerator_memory() -> None:
             torch.cuda.empty_cache()
     except ImportError:
         pass
-
-
-def configure_logging(url: str | None, quiet: bool = False) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    # we run trials with ask/tell and start optuna's heartbeat thread ourselves (Worker.run_trial)
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-    storage_lib.install_secret_filter(storage_lib.resolve_url(url))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .config import TrainConfig, resolve_data_dir, resolve_device
-from .data import TASKS, RawTask, TaskStream, load_splits, read_task, task_path
+from .data import RawTask, TaskStream, load_splits, read_task, task_path
 from .model import MultitaskBert, load_pretrained
 from .inputs import batch_pieces, encoder_tokens, input_mode
+from .tasks import TASK_TABLE, TASKS
 from .train import build_optimizer, train_step
 
 logger = logging.getLogger(__name__)
@@ -84,13 +84,10 @@ def reference_step(model, optimizer, tokenizer, raw: dict[str, RawTask], rng: np
             vecs.append(model.embed(enc["input_ids"], enc["attention_mask"]))
             sentences += len(idx)
             tokens += int(enc["attention_mask"].sum())
-        y = torch.tensor([raw[task].labels[i] for i in idx], device=device)
-        if task == "sst":
-            losses.append(F.cross_entropy(model.sentiment_logits(vecs[0]), y.long()))
-        elif task == "quora":
-            losses.append(F.binary_cross_entropy_with_logits(model.paraphrase_logit(*vecs), y.float()))
-        else:
-            losses.append(F.mse_loss(model.similarity_score(*vecs), y.float()))
+        spec = TASK_TABLE[task]
+        y = torch.tensor([raw[task].labels[i] for i in idx], device=device,
+                         dtype=torch.int64 if spec.integer_labels else torch.float32)
+        losses.append(spec.loss(spec.outputs(model, vecs), y))
     loss = sum(losses)
     optimizer.zero_grad()
     loss.backward()

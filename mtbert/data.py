@@ -12,13 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .tasks import TASK_TABLE, TASKS
+
 logger = logging.getLogger(__name__)
 
-TASKS = ("sst", "quora", "sts")
 SPLITS = ("train", "dev", "test-student")
-FILE_NAMES = {"sst": "ids-sst-{split}.csv", "quora": "quora-{split}.csv", "sts": "sts-{split}.csv"}
-SENTENCE_COLUMNS = {"sst": ("sentence",), "quora": ("sentence1", "sentence2"), "sts": ("sentence1", "sentence2")}
-LABEL_COLUMNS = {"sst": "sentiment", "quora": "is_duplicate", "sts": "similarity"}
 CACHE_VERSION = 1
 
 
@@ -72,30 +70,18 @@ class TaskData:
 
 
 def task_path(data_dir: Path, task: str, split: str) -> Path:
-    return Path(data_dir) / FILE_NAMES[task].format(split=split)
-
-
-def _parse_label(task: str, text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    if task == "sts":
-        return value if 0.0 <= value <= 5.0 else None
-    if not value.is_integer():
-        return None
-    upper = 4 if task == "sst" else 1
-    return value if 0 <= value <= upper else None
+    return Path(data_dir) / TASK_TABLE[task].file_name(split)
 
 
 def read_task(path: Path, task: str, labelled: bool = True) -> RawTask:
     """Read one CS224N-format file; skip and count malformed rows (one warning per file)."""
-    columns = SENTENCE_COLUMNS[task] + ((LABEL_COLUMNS[task],) if labelled else ())
+    spec = TASK_TABLE[task]
+    columns = spec.sentence_columns + ((spec.label_column,) if labelled else ())
     expected = ", ".join(("id",) + columns)
     if not path.is_file():
         raise DataError(f"{path}: file not found (expected a tab-separated file with columns {expected})")
     ids: list[str] = []
-    sentences: list[list[str]] = [[] for _ in SENTENCE_COLUMNS[task]]
+    sentences: list[list[str]] = [[] for _ in spec.sentence_columns]
     labels: list[float] = []
     skipped, first_bad = 0, None
     with open(path, newline="", encoding="utf-8") as f:
@@ -105,7 +91,7 @@ def read_task(path: Path, task: str, labelled: bool = True) -> RawTask:
             raise DataError(f"{path}: missing column(s) {', '.join(missing)} (expected {expected})")
         for row in reader:
             values = [(row.get(c) or "").strip() for c in ("id",) + columns]
-            label = _parse_label(task, values[-1]) if labelled else 0.0
+            label = spec.parse_label(values[-1]) if labelled else 0.0
             # None key: more fields than the header; a newline inside a field: broken quoting
             if None in row or not all(values) or label is None or any("\n" in v for v in values):
                 skipped += 1
@@ -178,7 +164,7 @@ def load_task(data_dir: Path, task: str, split: str, tokenizer, max_length: int 
         raise DataError(f"{path}: no usable rows")
     labels = None
     if raw.labels is not None:
-        dtype = torch.float32 if task == "sts" else torch.int64
+        dtype = torch.int64 if TASK_TABLE[task].integer_labels else torch.float32
         labels = torch.tensor(raw.labels, dtype=dtype)
     data = TaskData(task, raw.ids, [encode(c, tokenizer, max_length) for c in raw.sentences], labels, raw.skipped)
     try:

@@ -11,14 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import TASKS, DataError, TaskData, load_task, sorted_batches, task_path
+from .data import DataError, TaskData, load_task, sorted_batches, task_path
 from .inputs import Piece, embed_pieces, input_mode
+from .tasks import TASK_TABLE, TASKS
 
 logger = logging.getLogger(__name__)
-
-# CS224N default-project output files: (file stem, header column)
-OUTPUT_FILES = {"sst": ("sst", "Predicted_Sentiment"), "quora": ("para", "Predicted_Is_Paraphrase"),
-                "sts": ("sts", "Predicted_Similiarity")}  # sic: the course's spelling
 
 
 def accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
@@ -32,15 +29,14 @@ def pearson(pred: np.ndarray, gold: np.ndarray) -> float:
     return float(np.corrcoef(pred, gold)[0, 1])
 
 
-def summarize(sst_acc: float, quora_acc: float, sts_corr: float) -> dict[str, float]:
-    """The three task scores, their plain mean (the source report's number) and the normalised mean."""
-    return {
-        "sst_acc": sst_acc,
-        "quora_acc": quora_acc,
-        "sts_corr": sts_corr,
-        "overall": (sst_acc + quora_acc + sts_corr) / 3,
-        "overall_normalized": (sst_acc + quora_acc + (sts_corr + 1) / 2) / 3,
-    }
+def summarize(scores: dict[str, float]) -> dict[str, float]:
+    """Per-task scores ({task: score}) -> the task metrics, their plain mean `overall` (the source
+    report's number) and `overall_normalized` (correlations mapped to [0, 1] first)."""
+    tasks = [TASK_TABLE[t] for t in TASKS]
+    normalized = [(scores[t.name] + 1) / 2 if t.correlation else scores[t.name] for t in tasks]
+    return {**{t.metric: scores[t.name] for t in tasks},
+            "overall": sum(scores[t.name] for t in tasks) / len(tasks),
+            "overall_normalized": sum(normalized) / len(tasks)}
 
 
 @torch.inference_mode()
@@ -59,13 +55,8 @@ def predict(model: nn.Module, data: TaskData, batch_size: int = 256, amp: bool =
         pieces = [Piece(c, rows, int(n[b].max()), n[b]) for c, n in zip(data.columns, column_lengths)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             vecs = [v.float() for v in embed_pieces(model, pieces, mode)]
-        if data.task == "sst":
-            out = model.sentiment_logits(vecs[0]).argmax(-1)
-        else:
-            u, v = vecs
-            out = (model.paraphrase_logit(u, v) > 0).long() if data.task == "quora" \
-                else model.similarity_score(u, v).clamp(0, 5)
-        outputs.append(out.float())
+        task = TASK_TABLE[data.task]
+        outputs.append(task.predict(task.outputs(model, vecs)).float())
     pred = torch.cat(outputs).cpu().numpy()
     result = np.empty_like(pred)
     result[np.concatenate(order)] = pred
@@ -74,7 +65,7 @@ def predict(model: nn.Module, data: TaskData, batch_size: int = 256, amp: bool =
 
 def score(task: str, pred: np.ndarray, labels: torch.Tensor) -> float:
     gold = labels.cpu().numpy()
-    return pearson(pred, gold) if task == "sts" else accuracy(pred, gold)
+    return pearson(pred, gold) if TASK_TABLE[task].correlation else accuracy(pred, gold)
 
 
 def evaluate(model: nn.Module, dev: dict[str, TaskData], batch_size: int = 256, amp: bool = False,
@@ -82,17 +73,16 @@ def evaluate(model: nn.Module, dev: dict[str, TaskData], batch_size: int = 256, 
     """Dev metrics of all three tasks (see summarize) and the predictions they were computed from."""
     predictions = {t: predict(model, dev[t], batch_size, amp, mode) for t in TASKS}
     scores = {t: score(t, predictions[t], dev[t].labels) for t in TASKS}
-    return summarize(scores["sst"], scores["quora"], scores["sts"]), predictions
+    return summarize(scores), predictions
 
 
 def write_predictions(path: Path, task: str, ids: list[str], pred: np.ndarray) -> None:
     """One CS224N-format prediction file ("id \\t Predicted_X" header, "id , value" rows)."""
-    header = OUTPUT_FILES[task][1]
+    spec = TASK_TABLE[task]
     with open(path, "w") as f:
-        f.write(f"id \t {header} \n")
+        f.write(f"id \t {spec.output_header} \n")
         for i, p in zip(ids, pred):
-            value = f"{p:.4f}" if task == "sts" else str(int(p))
-            f.write(f"{i} , {value} \n")
+            f.write(f"{i} , {spec.format_prediction(p)} \n")
 
 
 def predict_files(model: nn.Module, tokenizer, data_dir: Path, out_dir: Path, max_length: int = 128,
@@ -111,11 +101,11 @@ def predict_files(model: nn.Module, tokenizer, data_dir: Path, out_dir: Path, ma
                 continue
             data = load_task(data_dir, task, split, tokenizer, max_length).to(device)
             pred = predict(model, data, batch_size, amp)
-            name = f"{OUTPUT_FILES[task][0]}-{split.split('-')[0]}-output.csv"
+            name = f"{TASK_TABLE[task].output_stem}-{split.split('-')[0]}-output.csv"
             write_predictions(out_dir / name, task, data.ids, pred)
             if split == "dev":
                 scores[task] = score(task, pred, data.labels)
-    return summarize(scores["sst"], scores["quora"], scores["sts"]) if len(scores) == 3 else scores
+    return summarize(scores) if len(scores) == len(TASKS) else scores
 
 
 def main(argv: list[str] | None = None) -> None:

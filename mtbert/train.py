@@ -21,16 +21,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_states, write_run_files
 from .config import TrainConfig, add_config_arguments, resolve_data_dir, resolve_device
-from .data import TASKS, Batch, TaskData, TaskStream, load_splits
+from .data import Batch, TaskData, TaskStream, load_splits
 from .evaluate import evaluate
 from .inputs import batch_pieces, embed_pieces, input_mode
 from .model import MultitaskBert, load_pretrained
+from .tasks import TASK_TABLE, TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +102,9 @@ def task_losses(model: MultitaskBert, streams: dict[str, TaskStream], batches: l
     vecs = iter(embed_pieces(model, [p for b in batches for p in batch_pieces(streams[b.task], b)], mode))
     losses = {}
     for b in batches:
-        y = streams[b.task].data.labels[b.rows]
-        if b.task == "sst":
-            losses["sst"] = F.cross_entropy(model.sentiment_logits(next(vecs)).float(), y)
-        elif b.task == "quora":
-            logit = model.paraphrase_logit(next(vecs), next(vecs))
-            losses["quora"] = F.binary_cross_entropy_with_logits(logit.float(), y.float())
-        else:
-            losses["sts"] = F.mse_loss(model.similarity_score(next(vecs), next(vecs)).float(), y)
+        task = TASK_TABLE[b.task]
+        out = task.outputs(model, [next(vecs) for _ in task.sentence_columns])
+        losses[b.task] = task.loss(out, streams[b.task].data.labels[b.rows])
     return losses
 
 
@@ -237,9 +232,9 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
                              predictions=predictions)
         history.append({k: v for k, v in result.to_dict().items() if k != "resumed"})
         results.append(result)
-        logger.info("epoch %d/%d: loss %.4f | sst %.3f quora %.3f sts %.3f | overall %.4f | %.0fs", epoch + 1,
-                    cfg.epochs, result.train_loss, metrics["sst_acc"], metrics["quora_acc"], metrics["sts_corr"],
-                    metrics["overall"], result.seconds)
+        scores = " ".join(f"{t} {metrics[TASK_TABLE[t].metric]:.3f}" for t in TASKS)
+        logger.info("epoch %d/%d: loss %.4f | %s | overall %.4f | %.0fs", epoch + 1, cfg.epochs, result.train_loss,
+                    scores, metrics["overall"], result.seconds)
         if out is not None:
             save_checkpoint(out, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
                             step=step, history=history)

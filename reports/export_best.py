@@ -15,7 +15,7 @@ from pathlib import Path
 
 import optuna
 
-from reports.ranking import best_trial
+from service.ranking import best_trial
 from studies import StudySpec
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 import storage as storage_lib
-from reports.markdown import markdown_table, number
+from mtbert.tasks import TASK_TABLE
+from service.markdown import markdown_table, number
 from studies import StudySpec, StudySpecError, grid_key, load_spec, spec_from_dict
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 GRID_STUDIES = ("ablation", "seed_lr", "seed_dropout")
 # our user attr -> the report's column ([reference] key)
-SCORES = {"sst_acc": "sst", "quora_acc": "para", "sts_corr": "sts", "overall": "overall"}
-HEADERS = {"sst": "SST acc", "para": "Paraphrase acc", "sts": "STS r", "overall": "Overall"}
+SCORES = {**{t.metric: t.report_key for t in TASK_TABLE.values()}, "overall": "overall"}
+HEADERS = {"sst": "SST acc", "para": "Paraphrase acc", "sts": "STS r", "overall": "Overall"}  # the report's names
 DEFAULT_MODEL_NOTE = "`default`: the packaged all-MiniLM-L6-v2, or $MTBERT_DEFAULT_MODEL where a worker had it set"
 
 Scores = dict[str, float]  # {"sst", "para", "sts", "overall"} -> score

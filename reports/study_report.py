@@ -16,13 +16,13 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 import storage as storage_lib
-from reports.ranking import best_trial, leaderboard
-from reports.markdown import markdown_table, number
+from mtbert.tasks import SCORE_NAMES
+from service.ranking import best_trial, leaderboard
+from service.markdown import markdown_table, number
 from studies import StudySpec
 
 logger = logging.getLogger(__name__)
 
-SCORE_NAMES = {"sst_acc": "SST acc", "quora_acc": "Quora acc", "sts_corr": "STS r", "overall": "overall"}
 PLOTS = {  # file stem: (title, optuna.visualization.matplotlib function name)
     "optimization_history": ("Optimisation history", "plot_optimization_history"),
     "intermediate_values": ("Intermediate values (pruned trials stop early)", "plot_intermediate_values"),

@@ -262,9 +262,7 @@ def trial_slot_lock(storage: RDBStorage, study_name: str) -> Iterator[None]:
     over-run a trial budget. SQLite: ``flock`` on ``<db>.<study>.lock``;
     PostgreSQL: a session advisory lock, released if the process dies.
     Re-entrant within a thread; threads of one process also exclude each other.
-    ``storage`` may also be a ``study._storage`` that wraps the RDBStorage.
     """
-    storage = getattr(storage, "_backend", storage)  # optuna's _CachedStorage wrapper
     with _slots_guard:
         slot = _slots.setdefault(f"{storage.url}\0{study_name}", _Slot())
     with slot.rlock, contextlib.ExitStack() as stack:

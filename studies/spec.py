@@ -18,10 +18,10 @@ from typing import Any, NoReturn
 import optuna
 
 from mtbert.config import TrainConfig, config_fields
+from mtbert.tasks import METRICS, TASK_TABLE
 
 STUDIES_DIR = Path(__file__).resolve().parent
 DIRECTIONS = ("maximize", "minimize")
-METRICS = ("overall", "overall_normalized", "sst_acc", "quora_acc", "sts_corr")
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
             "grid": optuna.samplers.GridSampler}
 PRUNERS = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
@@ -29,7 +29,7 @@ PRUNERS = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.P
            "none": optuna.pruners.NopPruner}
 TOP_KEYS = ("description", "direction", "metric", "n_trials", "keep_best", "train", "space", "sampler", "pruner",
             "reference", "reference_source")
-REFERENCE_METRICS = ("sst", "para", "sts", "overall")  # a [reference] row: published scores of one grid point
+REFERENCE_METRICS = tuple(t.report_key for t in TASK_TABLE.values()) + ("overall",)  # a [reference] row: published scores of one grid point
 PARAM_KEYS = {"float": ("low", "high", "log", "step"), "int": ("low", "high", "step", "log"),
               "categorical": ("choices",), "preset": ("presets",)}
 _SCALARS = {"bool": bool, "int": int, "float": float, "str": str}

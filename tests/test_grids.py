@@ -16,7 +16,8 @@ from optuna.trial import TrialState
 import storage as storage_lib
 from mtbert.config import TrainConfig
 from studies import grid_key, load_spec
-from worker import Worker, open_study
+from service.study import open_study
+from worker import Worker
 
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
 ROOT = Path(__file__).resolve().parents[1]

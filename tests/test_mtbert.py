@@ -181,7 +181,7 @@ def test_metrics_against_hand_computed_values():
     # pred = (1, 2, 3), gold = (1, 3, 2): cov = 0.5, var = 1 each -> r = 0.5
     assert pearson(np.array([1.0, 2.0, 3.0]), np.array([1.0, 3.0, 2.0])) == pytest.approx(0.5)
     assert pearson(np.array([1.0, 1.0]), np.array([0.0, 1.0])) == 0.0
-    m = summarize(0.5, 0.75, 0.5)
+    m = summarize({"sst": 0.5, "quora": 0.75, "sts": 0.5})
     assert m["overall"] == pytest.approx(0.58333333)
     assert m["overall_normalized"] == pytest.approx((0.5 + 0.75 + 0.75) / 3)
 

@@ -19,7 +19,8 @@ import storage as storage_lib
 from studies import load_spec
 from test_search import write_study
 from tiny import write_data
-from worker import Worker, open_study
+from service.study import open_study
+from worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, N_DEV = 3, 24
@@ -112,7 +113,7 @@ def test_every_finished_trial_has_a_note_and_artifacts(recorded):
 
 
 def test_the_note_says_when_dev_scores_are_capped(tmp_path):
-    from reports.trial_records import trial_note
+    from service.trial_records import trial_note
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'c.db'}")
     trial = study.ask()
@@ -127,12 +128,12 @@ def test_the_note_says_when_dev_scores_are_capped(tmp_path):
 
 
 def test_a_recording_failure_never_fails_the_trial_or_the_worker(tmp_path, monkeypatch, caplog):
-    import reports.trial_records
+    import service.trial_records
 
     def broken(*args, **kwargs):
         raise OSError("artifact folder is read-only")
 
-    monkeypatch.setattr(reports.trial_records, "record_trial", broken)
+    monkeypatch.setattr(service.trial_records, "record_trial", broken)
     spec = load_spec(write_study(tmp_path, "rec", Path("unused"), Path("unused")))
     study = open_study(spec, f"sqlite:///{tmp_path / 'r.db'}", {})
     worker = Worker(study, spec, device="cpu", progress=False, checkpoint_root=tmp_path / "ck",
@@ -146,14 +147,14 @@ def test_a_recording_failure_never_fails_the_trial_or_the_worker(tmp_path, monke
 
 
 def test_without_optuna_dashboard_the_note_is_skipped_with_one_warning(tmp_path, monkeypatch, caplog):
-    import reports.trial_records as records
+    import service.trial_records as records
 
     monkeypatch.setitem(sys.modules, "optuna_dashboard", None)  # import fails like a missing package
     monkeypatch.setattr(records, "_warned_no_dashboard", False)
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'n.db'}")
     (tmp_path / "a").mkdir()
     store = FileSystemArtifactStore(str(tmp_path / "a"))
-    with caplog.at_level(logging.WARNING, logger="reports.trial_records"):
+    with caplog.at_level(logging.WARNING, logger="service.trial_records"):
         for _ in range(2):
             trial = study.ask()
             trial.set_user_attr("history", [{"epoch": 1, "sst_acc": 0.5, "quora_acc": 0.5, "sts_corr": 0.1,

@@ -11,7 +11,8 @@ import torch
 import storage as storage_lib
 from reports.results_page import FINDINGS, write_results_page
 from studies import grid_key, load_spec
-from worker import Worker, open_study
+from service.study import open_study
+from worker import Worker
 
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
 SCORE_ATTRS = ("sst_acc", "quora_acc", "sts_corr", "overall")

@@ -16,7 +16,8 @@ from optuna.trial import TrialState
 import storage as storage_lib
 from studies import load_spec
 from tiny import write_data
-from worker import Worker, open_study
+from service.study import open_study
+from worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 

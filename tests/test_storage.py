@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import text
 
 import storage
+from service import optuna_compat
 from storage import StorageUnavailable, open_storage, redact, resolve_url, trial_slot_lock
 
 
@@ -209,7 +210,7 @@ def test_postgres_round_trip(clean_pg_url):
     st = open_storage(clean_pg_url)
     assert st.get_heartbeat_interval() == 1
     study = optuna.create_study(study_name="rt", storage=st, direction="maximize")
-    with trial_slot_lock(study._storage, "rt"):  # accepts the cached wrapper too
+    with trial_slot_lock(optuna_compat.rdb_storage(study), "rt"):
         pass
     trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)})
     study.tell(trial, 0.5)

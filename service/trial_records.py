@@ -19,17 +19,15 @@ import optuna
 from optuna.artifacts import upload_artifact
 from optuna.trial import TrialState
 
-from reports.markdown import markdown_table, number
+from mtbert.tasks import SCORE_NAMES, SCORES, TASK_TABLE
+from service.markdown import markdown_table, number
 
 if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore
 
 logger = logging.getLogger(__name__)
 
-SCORES = ("sst_acc", "quora_acc", "sts_corr", "overall")  # per-task dev scores and their mean
-NOTE_COLUMNS = {"epoch": "epoch", "sst_acc": "SST acc", "quora_acc": "Quora acc", "sts_corr": "STS r",
-                "overall": "overall", "seconds": "seconds"}
-TASK_NAMES = {"sst": "SST", "quora": "Quora", "sts": "STS"}
+NOTE_COLUMNS = {"epoch": "epoch", **SCORE_NAMES, "seconds": "seconds"}
 _warned_no_dashboard = False
 
 
@@ -80,7 +78,7 @@ def trial_note(trial: optuna.Trial, state: TrialState, value: float | None, dev_
 def dev_scope(trial: optuna.Trial, dev_data: dict[str, Any] | None) -> str:
     """One sentence on which dev examples the scores are computed on."""
     cap = trial.user_attrs.get("config", {}).get("max_examples", 0)
-    sizes = ", ".join(f"{TASK_NAMES.get(t, t)} {len(d)}" for t, d in (dev_data or {}).items())
+    sizes = ", ".join(f"{TASK_TABLE[t].display if t in TASK_TABLE else t} {len(d)}" for t, d in (dev_data or {}).items())
     sizes = f" ({sizes} examples)" if sizes else ""
     if cap:
         return (f"Dev scores on a fixed subset of at most {cap} dev examples per task (max_examples = {cap})"
@@ -124,11 +122,12 @@ def write_metrics_json(path: Path, trial: optuna.Trial, state: TrialState, value
 
 def write_dev_predictions(dev_data: dict[str, Any], predictions: dict[str, Any], out_dir: Path) -> list[Path]:
     """CS224N-format dev prediction CSVs (ids from the tokenised dev splits, values from the trainer)."""
-    from mtbert.evaluate import OUTPUT_FILES, write_predictions
+    from mtbert.evaluate import write_predictions
+    from mtbert.tasks import TASK_TABLE
 
     paths = []
     for task, data in dev_data.items():
-        path = out_dir / f"{OUTPUT_FILES[task][0]}-dev-output.csv"
+        path = out_dir / f"{TASK_TABLE[task].output_stem}-dev-output.csv"
         write_predictions(path, task, data.ids, predictions[task])
         paths.append(path)
     return paths

@@ -5,6 +5,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from mtbert.tasks import TASK_METRICS
 from studies import StudySpec
 
 
@@ -27,7 +28,7 @@ def leaderboard(study: optuna.Study, spec: StudySpec) -> pd.DataFrame:
     df = df.rename(columns=lambda c: c.replace("user_attrs_", "").replace("params_", ""))
     df = df.rename(columns={"value": spec.metric})
     df["duration"] = df["duration"].dt.total_seconds().round(1)
-    keep = ["number", "state", spec.metric, "sst_acc", "quora_acc", "sts_corr", *sorted(spec.space),
+    keep = ["number", "state", spec.metric, *TASK_METRICS, *sorted(spec.space),
             "epochs_done", "resumed_from_epoch", "device", "duration", "fail_reason"]
     df = df[[c for c in dict.fromkeys(keep) if c in df.columns]]
     # complete trials first: a pruned trial's value is only its last intermediate one
