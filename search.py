@@ -15,125 +15,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
-import pandas as pd
-from optuna.trial import TrialState
-from tqdm.auto import tqdm
 
 import storage as storage_lib
-from service.ranking import best_trial, leaderboard
+from service.launch import start_workers, stop_workers, worker_devices
+from service.progress import follow, print_summary, write_trials_csv
+from service.study import add_override_arguments, configure_logging, load_study_spec, open_study
 from studies import StudySpec, StudySpecError
-from service.study import (FINISHED, OVERRIDE_FLAGS, add_override_arguments, configure_logging, load_study_spec,
-                           open_study, trial_counts)
 
 logger = logging.getLogger("search")
 ROOT = Path(__file__).resolve().parent
-
-
-# ------------------------------------------------------------ workers
-
-
-def visible_gpus() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except ImportError:
-        return 0
-
-
-def worker_devices(workers: int | None, per_gpu: int) -> list[str]:
-    """One device per worker: per_gpu workers on each visible GPU by default, one CPU worker without."""
-    gpus = visible_gpus()
-    if gpus == 0:
-        return ["cpu"] * (workers or 1)
-    n = workers or gpus * per_gpu
-    return [f"cuda:{i % gpus}" for i in range(n)]
-
-
-def start_workers(study: str, url: str, devices: list[str], args: argparse.Namespace, log_dir: Path) -> list:
-    """Start worker.py processes on `study` (a name or a file path); the storage URL travels in the
-    environment, never in argv. With --seed S, worker i samples with seed S + i."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    passthrough = []
-    for flag in OVERRIDE_FLAGS:
-        if getattr(args, flag) is not None:
-            passthrough += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    env = {**os.environ, "MTBERT_STORAGE": url, "TOKENIZERS_PARALLELISM": "false"}
-    if all(d == "cpu" for d in devices) and len(devices) > 1:  # share the cores instead of oversubscribing
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(devices)))
-    procs = []
-    for i, device in enumerate(devices):
-        log = open(log_dir / f"worker-{i}.log", "a")
-        seed = [] if args.seed is None else ["--seed", str(args.seed + i)]
-        cmd = [sys.executable, str(ROOT / "worker.py"), "--study", study, "--device", device, "--no-progress",
-               *seed, *passthrough]
-        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log))
-        logger.info("worker %d on %s (log: %s)", i, device, log.name)
-    return procs
-
-
-def stop_workers(procs: list, timeout: float = 120.0) -> None:
-    """SIGTERM: each worker hands its running trial back for retry; then wait for them."""
-    for p, _ in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.time() + timeout
-    for p, log in procs:
-        try:
-            p.wait(max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-        log.close()
-
-
-def follow(study: optuna.Study, spec: StudySpec, procs: list, poll: float = 2.0) -> None:
-    """One progress bar for the study until its budget is met or every worker has exited."""
-    bar = tqdm(total=spec.n_trials, desc=spec.name, unit="trial", dynamic_ncols=True)
-    try:
-        while True:
-            counts = trial_counts(study)
-            finished = sum(counts[s] for s in FINISHED)
-            bar.n = min(finished, spec.n_trials)
-            bar.set_postfix_str(progress_text(study, spec, counts), refresh=True)
-            if finished >= spec.n_trials or all(p.poll() is not None for p, _ in procs):
-                break
-            time.sleep(poll)
-    finally:
-        bar.close()
-
-
-def progress_text(study: optuna.Study, spec: StudySpec, counts) -> str:
-    best = best_trial(study, spec)
-    best_text = f"best {best.value:.4f} (#{best.number})" if best else "best -"
-    return (f"complete {counts[TrialState.COMPLETE]} pruned {counts[TrialState.PRUNED]} "
-            f"failed {counts[TrialState.FAIL]} running {counts[TrialState.RUNNING]} | {best_text}")
-
-
-# ------------------------------------------------------------ results
-
-
-def print_summary(study: optuna.Study, spec: StudySpec, top: int = 10) -> pd.DataFrame:
-    df = leaderboard(study, spec)
-    counts = trial_counts(study)
-    print(f"\nstudy {spec.name}: {progress_text(study, spec, counts)} | budget {spec.n_trials}")
-    if not df.empty:
-        with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 4):
-            print(df.head(top).to_string(index=False))
-    return df
-
-
-def write_trials_csv(df: pd.DataFrame, name: str) -> Path:
-    path = storage_lib.STORAGE_DIR / f"{name}-trials.csv"
-    df.to_csv(path, index=False)
-    return path
 
 
 def run_dashboard(url: str, host: str, port: int) -> None:
@@ -182,8 +77,7 @@ def _interrupt(signum, _frame):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", help="study name (a file in studies/) or path to a .toml")
-    parser.add_argument("--storage", default=None,
-                        help="storage URL (default: $MTBERT_STORAGE, else SQLite in storage/)")
+    storage_lib.add_storage_arguments(parser)
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes here (default: one per visible GPU, else 1 on CPU)")
     parser.add_argument("--workers-per-gpu", type=int, default=1, help="pack several trials on each GPU")
@@ -203,9 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8080, help="dashboard port")
     add_override_arguments(parser)
     args = parser.parse_args(argv)
-    configure_logging(args.storage)
+    try:
+        url = storage_lib.resolve_url(args.storage, args.storage_file)
+    except storage_lib.StorageUnavailable as exc:
+        configure_logging(None)
+        logger.error("%s", exc)
+        return 2
+    configure_logging(url)
     signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's or timeout's TERM stops workers like Ctrl-C
-    url = storage_lib.resolve_url(args.storage)
     if args.results:
         return write_results(url, Path(args.out or ROOT / "docs" / "results.md"))
     if not args.study:

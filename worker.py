@@ -264,8 +264,7 @@ def free_accelerator_memory() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", required=True, help="study name (a file in studies/) or path to a .toml")
-    parser.add_argument("--storage", default=None,
-                        help="storage URL (default: $MTBERT_STORAGE, else SQLite in storage/)")
+    storage_lib.add_storage_arguments(parser)
     parser.add_argument("--gpu", type=int, default=None, help="GPU index to train on (sets --device cuda:I)")
     parser.add_argument("--device", default=None,
                         help="'cpu', 'cuda', 'cuda:1', ... (default: the study file's, else GPU if any)")
@@ -276,11 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no per-epoch progress bars")
     add_override_arguments(parser)
     args = parser.parse_args(argv)
-    configure_logging(args.storage)
+    try:
+        url = storage_lib.resolve_url(args.storage, args.storage_file)
+    except storage_lib.StorageUnavailable as exc:
+        configure_logging(None)
+        logger.error("%s", exc)
+        return 2
+    configure_logging(url)
     device = f"cuda:{args.gpu}" if args.gpu is not None else args.device
     try:
         spec, overrides = load_study_spec(args.study, args)
-        study = open_study(spec, args.storage, overrides, seed=args.seed)
+        study = open_study(spec, url, overrides, seed=args.seed)
     except (StudySpecError, storage_lib.StorageUnavailable) as exc:
         logger.error("%s", exc)
         return 2

@@ -473,13 +473,13 @@ def write_results_page(storage_url: str | None, out: Path,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--storage", default=None,
-                        help="storage URL (default: $MTBERT_STORAGE, else SQLite in storage/)")
+    storage_lib.add_storage_arguments(parser)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md", help="page to write")
     parser.add_argument("--studies", nargs="+", default=list(GRID_STUDIES), help="grid studies on the page")
     args = parser.parse_args(argv)
     try:
-        path = write_results_page(args.storage, args.out, tuple(args.studies))
+        path = write_results_page(storage_lib.resolve_url(args.storage, args.storage_file), args.out,
+                                  tuple(args.studies))
     except storage_lib.StorageUnavailable as exc:
         print(exc, file=sys.stderr)
         return 2

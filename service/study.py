@@ -60,10 +60,14 @@ def trial_counts(study: optuna.Study) -> Counter:
 
 
 def configure_logging(url: str | None, quiet: bool = False) -> None:
+    """Log format and levels; the storage URL's password is masked in every record from here on."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # we run trials with ask/tell and start optuna's heartbeat thread ourselves (Worker.run_trial)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-    storage_lib.install_secret_filter(storage_lib.resolve_url(url))
+    try:
+        storage_lib.install_secret_filter(storage_lib.resolve_url(url))
+    except storage_lib.StorageUnavailable:  # reported by the caller when it opens the storage
+        pass

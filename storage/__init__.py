@@ -29,6 +29,9 @@ __all__ = [
     "DEFAULT_URL",
     "StorageUnavailable",
     "resolve_url",
+    "read_url_file",
+    "add_storage_arguments",
+    "worker_environment",
     "redact",
     "open_storage",
     "trial_slot_lock",
@@ -48,15 +51,67 @@ class StorageUnavailable(RuntimeError):
 # --------------------------------------------------------------------------- URLs
 
 
-def resolve_url(url: str | None = None) -> str:
-    """``url``, else env ``MTBERT_STORAGE``, else :data:`DEFAULT_URL`.
+def resolve_url(url: str | None = None, url_file: str | os.PathLike | None = None) -> str:
+    """``url``, else the URL in ``url_file``, else env ``MTBERT_STORAGE``, else the URL in the file
+    named by env ``MTBERT_STORAGE_FILE``, else :data:`DEFAULT_URL`.
 
-    A bare file path ending in ``.db`` becomes an absolute ``sqlite:///`` URL.
+    A bare file path ending in ``.db`` becomes an absolute ``sqlite:///`` URL. A storage file keeps a
+    URL with a password out of every command line and environment (see :func:`read_url_file`).
     """
-    url = url or os.environ.get("MTBERT_STORAGE") or DEFAULT_URL
+    if not url and url_file:
+        url = read_url_file(url_file)
+    url = url or os.environ.get("MTBERT_STORAGE")
+    if not url and os.environ.get("MTBERT_STORAGE_FILE"):
+        url = read_url_file(os.environ["MTBERT_STORAGE_FILE"])
+    url = url or DEFAULT_URL
     if "://" not in url and url.endswith(".db"):
         url = f"sqlite:///{Path(url).expanduser().resolve()}"
     return url
+
+
+def read_url_file(path: str | os.PathLike) -> str:
+    """The storage URL in a file only its owner can read (first line that is not blank or a # comment).
+
+    Raises :class:`StorageUnavailable` when the file is missing, unreadable, empty, or readable or
+    writable by group or others (on a shared cluster anyone could read the password): chmod 600 it.
+    """
+    path = Path(path).expanduser()
+    try:
+        st = path.stat()
+        if not path.is_file():
+            raise StorageUnavailable(f"storage file {path}: not a regular file")
+        if st.st_mode & 0o077:
+            raise StorageUnavailable(f"storage file {path}: readable or writable by others (mode "
+                                     f"{st.st_mode & 0o777:o}); run chmod 600 {path}")
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise StorageUnavailable(f"storage file {path}: not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StorageUnavailable(f"storage file {path}: cannot read ({type(exc).__name__})") from None
+    for line in lines:
+        if line.strip() and not line.lstrip().startswith("#"):
+            return line.strip()
+    raise StorageUnavailable(f"storage file {path}: no URL in it")
+
+
+def add_storage_arguments(parser) -> None:
+    """--storage URL and --storage-file PATH (mutually exclusive), the same on every command."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--storage", default=None, metavar="URL",
+                       help="storage URL (default: $MTBERT_STORAGE, else the URL in $MTBERT_STORAGE_FILE, "
+                            "else SQLite at storage/mtbert.db)")
+    group.add_argument("--storage-file", default=None, metavar="PATH",
+                       help="read the storage URL from PATH (mode 600): keeps a password out of every "
+                            "process's command line and environment")
+
+
+def worker_environment(url: str, url_file: str | os.PathLike | None = None) -> dict[str, str]:
+    """How a process this one starts gets the storage: the file's path when the URL came from a file
+    (``MTBERT_STORAGE_FILE``), else the URL itself (``MTBERT_STORAGE``), never its command line."""
+    url_file = url_file or (None if os.environ.get("MTBERT_STORAGE") else os.environ.get("MTBERT_STORAGE_FILE"))
+    if url_file:
+        return {"MTBERT_STORAGE_FILE": str(Path(url_file).expanduser().resolve())}
+    return {"MTBERT_STORAGE": url}
 
 
 def redact(url: str) -> str:

@@ -246,12 +246,12 @@ def test_a_trial_is_never_pruned_after_its_last_epoch(tmp_path, tiny_model, tiny
 def test_search_passes_the_study_file_and_a_seed_per_worker_to_its_workers(tmp_path, monkeypatch):
     import argparse
 
-    import search
+    from service import launch
 
     launched = []
-    monkeypatch.setattr(search.subprocess, "Popen", lambda cmd, **kw: launched.append((cmd, kw["env"])))
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda cmd, **kw: launched.append((cmd, kw["env"])))
     args = argparse.Namespace(seed=5, n_trials=None, epochs=2, max_examples=None, model=None, data_dir=None)
-    search.start_workers("/some/where/x.toml", "sqlite:///secret.db", ["cpu", "cpu"], args, tmp_path)
+    launch.start_workers("/some/where/x.toml", "sqlite:///secret.db", ["cpu", "cpu"], args, tmp_path)
     for i, (cmd, env) in enumerate(launched):
         assert cmd[cmd.index("--study") + 1] == "/some/where/x.toml"
         assert cmd[cmd.index("--seed") + 1] == str(5 + i)

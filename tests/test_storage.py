@@ -227,3 +227,50 @@ def test_postgres_bad_password(pg_url):
     with pytest.raises(StorageUnavailable, match="password authentication failed") as info:
         open_storage(bad)
     assert "wr0ng-pw" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- storage files
+
+
+def test_a_storage_file_gives_the_url_and_must_be_private(tmp_path, monkeypatch):
+    from storage import read_url_file, worker_environment
+
+    monkeypatch.delenv("MTBERT_STORAGE", raising=False)
+    path = tmp_path / "db.url"
+    path.write_text("# the study's database\n\npostgresql://u:s3cret@db/x\n")
+    path.chmod(0o600)
+    assert read_url_file(path) == "postgresql://u:s3cret@db/x"
+    assert resolve_url(None, path) == "postgresql://u:s3cret@db/x"
+    monkeypatch.setenv("MTBERT_STORAGE_FILE", str(path))
+    assert resolve_url() == "postgresql://u:s3cret@db/x"
+    # processes started from here get the file's path, never the URL
+    assert worker_environment(resolve_url()) == {"MTBERT_STORAGE_FILE": str(path.resolve())}
+    path.chmod(0o644)
+    with pytest.raises(StorageUnavailable, match="chmod 600"):
+        read_url_file(path)
+    with pytest.raises(StorageUnavailable, match="not found"):
+        read_url_file(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing\n")
+    empty.chmod(0o600)
+    with pytest.raises(StorageUnavailable, match="no URL"):
+        read_url_file(empty)
+
+
+def test_search_with_a_storage_file_keeps_the_url_out_of_argv_and_env(tmp_path, monkeypatch):
+    import argparse
+
+    from service import launch
+
+    monkeypatch.delenv("MTBERT_STORAGE", raising=False)
+    path = tmp_path / "db.url"
+    path.write_text("sqlite:///secret-x.db\n")
+    path.chmod(0o600)
+    launched = []
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda cmd, **kw: launched.append((cmd, kw["env"])))
+    args = argparse.Namespace(seed=None, n_trials=None, epochs=None, max_examples=None, model=None, data_dir=None,
+                              storage_file=str(path))
+    launch.start_workers("x", resolve_url(None, path), ["cpu"], args, tmp_path)
+    ((cmd, env),) = launched
+    assert "secret-x" not in " ".join(cmd) and all("secret-x" not in v for v in env.values())
+    assert env["MTBERT_STORAGE_FILE"] == str(path.resolve())
