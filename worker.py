@@ -36,7 +36,8 @@ import storage as storage_lib
 from mtbert.tasks import SCORES
 from service import optuna_compat
 from service.study import (FINISHED, StudyIdentityError, add_override_arguments, configure_logging,
-                           load_study_spec, open_study, run_id, trial_counts, trial_dir, trial_root)
+                           load_study_spec, open_study, run_id, study_uuid, trial_counts, trial_dir,
+                           trial_root)
 from studies import StudySpec, StudySpecError
 
 logger = logging.getLogger("worker")
@@ -187,10 +188,9 @@ class Worker:
     # ------------------------------------------------------------ one trial
 
     def train_trial(self, trial: optuna.Trial) -> float:
+        from mtbert.checkpoint import ResumeError
         from mtbert.config import TrainConfig
         from mtbert.train import train
-
-        from mtbert.checkpoint import ResumeError
 
         values = self.spec.suggest(trial)
         cfg = TrainConfig().replace(**{**values, **({"device": self.device} if self.device else {})})
@@ -275,11 +275,12 @@ class Worker:
                 self.remove(folder)
 
     def remove(self, folder: Path) -> None:
-        """Delete a trial folder, only if it resolves to a folder inside the checkpoint root."""
-        root = self.checkpoint_root.resolve()
+        """Delete a trial folder, only if it resolves to a folder inside this study's folder of the
+        checkpoint root (symlinks and `..` resolved first)."""
+        own = (self.checkpoint_root / study_uuid(self.study)).resolve()
         target = folder.resolve()
-        if target == root or not target.is_relative_to(root):
-            logger.warning("not deleting %s: it is not inside the checkpoint root %s", folder, root)
+        if target == own or not target.is_relative_to(own):
+            logger.warning("not deleting %s: it is not inside this study's checkpoint folder %s", folder, own)
             return
         if target.is_dir():
             shutil.rmtree(target, ignore_errors=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import optuna
 
 from service.ranking import best_trial
-from service.study import run_id, study_uuid, trial_dir, trial_root
+from service.study import StudyIdentityError, run_id, study_uuid, trial_dir, trial_root
 from studies import StudySpec
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,11 @@ def export_best(study: optuna.Study, spec: StudySpec, out_dir: Path, data_dir: s
     best = best_trial(study, spec)
     if best is None:
         raise ExportError(f"study {study.study_name} has no complete trial to export")
-    if study_uuid(study, create=False) is None:
+    try:
+        recorded = study_uuid(study, create=False)
+    except StudyIdentityError as exc:
+        raise ExportError(str(exc)) from None
+    if recorded is None:
         raise ExportError(f"study {study.study_name} has no study_uuid (it was created before checkpoints were "
                           "keyed by the study's identity), so no checkpoint can be trusted to be its own")
     root = trial_root(best)

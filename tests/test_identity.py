@@ -132,6 +132,24 @@ def test_a_damaged_checkpoint_is_one_clear_error(tiny_model, tiny_data, tmp_path
     assert proc.returncode == 1 and "unreadable checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_temp_files_of_a_killed_writer_are_removed_by_the_next_run(tiny_model, tiny_data, tmp_path):
+    import socket
+
+    cfg = tiny_cfg(tiny_model, tiny_data, epochs=1)
+    out = tmp_path / "run"
+    train(cfg, out_dir=out, progress=False)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    killed = out / f".checkpoint.pt.{host}.{dead.pid}.tmp"  # a writer SIGKILLed mid-write
+    alive = out / f".checkpoint.pt.{host}.{os.getpid()}.tmp"  # a live writer's: not ours to remove
+    elsewhere = out / f".checkpoint.pt.other-node.{dead.pid}.tmp"  # another node's process: unknown
+    for f in (killed, alive, elsewhere):
+        f.write_bytes(b"partial")
+    train(cfg, out_dir=out, progress=False)
+    assert not killed.exists() and alive.exists() and elsewhere.exists()
+
+
 # ------------------------------------------------------------------ faults while writing
 
 
@@ -230,6 +248,17 @@ def test_workers_opening_a_new_study_at_once_agree_on_its_uuid(tmp_path, tiny_mo
     assert load(storage_url, "race").user_attrs["study_uuid"] == uuids.pop()
 
 
+def test_an_edited_study_uuid_is_refused_in_one_line(tmp_path, tiny_model, tiny_data, env):
+    study_file = write_study(tmp_path, "edited", tiny_model, tiny_data, n_trials=1, epochs=1)
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    open_study(load_spec(study_file), url, {}).set_user_attr("study_uuid", "../../home")
+    for cmd in (["worker.py"], ["search.py"]):
+        proc = subprocess.run([sys.executable, *cmd, "--study", str(study_file)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300, env={**env, "MTBERT_STORAGE": url})
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "user attribute study_uuid is '../../home', not a UUID" in proc.stderr
+
+
 def test_the_same_study_in_another_storage_trains_from_scratch_and_deletes_nothing_of_the_first(
         tmp_path, tiny_model, tiny_data, env, monkeypatch):
     """The issue's scenario: study A completes; the same study file in storage B (keep_best = 0)."""
@@ -323,15 +352,20 @@ def test_cleanup_never_deletes_a_folder_named_by_a_trial_attribute(tmp_path, tin
     assert (victim / "thesis.tex").read_text() == "years of work"
     assert list((tmp_path / "ck").rglob("checkpoint.pt")) == []  # keep_best = 0: its own folder was deleted
 
-    # and nothing outside the checkpoint root is ever deleted, whatever path reaches the cleanup
+    # and nothing outside the study's own checkpoint folder is ever deleted, whatever path reaches the cleanup
+    from service.study import study_uuid
+
     worker = Worker(study, spec, device="cpu", progress=False, checkpoint_root=tmp_path / "ck")
-    link = tmp_path / "ck" / "sneaky"
+    own = tmp_path / "ck" / study_uuid(study)
+    link = own / "trial-7"
     link.symlink_to(victim)
+    other_study = tmp_path / "ck" / "another-study-uuid" / "trial-0"
+    other_study.mkdir(parents=True)
     with caplog.at_level(logging.WARNING, logger="worker"):
-        for folder in (victim, link, tmp_path / "ck" / ".." / "precious", tmp_path / "ck"):
+        for folder in (victim, link, own / ".." / ".." / "precious", tmp_path / "ck", own, other_study):
             worker.remove(folder)
-    assert (victim / "thesis.tex").is_file() and (tmp_path / "ck").is_dir()
-    assert sum("not inside the checkpoint root" in r.getMessage() for r in caplog.records) == 4
+    assert (victim / "thesis.tex").is_file() and other_study.is_dir() and own.is_dir()
+    assert sum("not inside this study's checkpoint folder" in r.getMessage() for r in caplog.records) == 6
 
 
 def test_export_uses_the_identity_not_the_checkpoint_attribute(tmp_path, tiny_model, tiny_data, monkeypatch):
