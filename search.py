@@ -24,7 +24,8 @@ import optuna
 import storage as storage_lib
 from service.launch import start_workers, stop_workers, worker_devices
 from service.progress import follow, print_summary, write_trials_csv
-from service.study import add_override_arguments, configure_logging, load_study_spec, open_study
+from service.study import (StudyIdentityError, add_override_arguments, configure_logging, load_study_spec,
+                           open_study, study_key)
 from studies import StudySpec, StudySpecError
 
 logger = logging.getLogger("search")
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("no study %r in %s (python search.py --study %s creates it)", spec.name,
                      storage_lib.redact(url), spec.name)
         return 2
-    except (StudySpecError, storage_lib.StorageUnavailable) as exc:
+    except (StudySpecError, StudyIdentityError, storage_lib.StorageUnavailable) as exc:
         logger.error("%s", exc)
         return 2
     if args.report or args.export_best:
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.status:
         devices = worker_devices(args.workers, args.workers_per_gpu)
-        log_dir = storage_lib.STORAGE_DIR / "logs" / spec.name
+        log_dir = storage_lib.STORAGE_DIR / "logs" / study_key(study)  # by identity: one folder per study
         procs = start_workers(args.study, url, devices, args, log_dir)
         try:
             follow(study, spec, procs)
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     df = print_summary(study, spec)
     if not df.empty and not args.status:
-        print(f"\ntrials written to {write_trials_csv(df, spec.name)}")
+        print(f"\ntrials written to {write_trials_csv(df, study_key(study))}")
     return 0
 
 

@@ -5,7 +5,14 @@
 
 Each trial: sample the study's space, train mtbert, report the study's metric after every epoch,
 stop when the pruner says so. A trial whose worker died is retried (heartbeats) and resumes from
-its last epoch checkpoint. SIGINT/SIGTERM hand the running trial back for retry and exit.
+its last epoch checkpoint. SIGINT/SIGTERM hand the running trial back for retry and exit (a signal
+that arrives while a checkpoint is being written waits until the write is complete).
+
+A trial's run folder is derived from the study's identity, never from its user attributes:
+`<checkpoint root>/<study uuid>/trial-<root>` (service.study.trial_dir), and mtbert.train resumes
+it only if the checkpoint there was written by this trial's retry chain with the same settings;
+otherwise (or if the checkpoint is damaged) the trial starts from scratch. Cleanup deletes only
+such derived folders, and nothing that does not resolve inside the checkpoint root.
 """
 from __future__ import annotations
 
@@ -28,11 +35,17 @@ from optuna.trial import TrialState
 import storage as storage_lib
 from mtbert.tasks import SCORES
 from service import optuna_compat
-from service.study import (FINISHED, add_override_arguments, configure_logging, load_study_spec, open_study,
-                           trial_counts)
+from service.study import (FINISHED, StudyIdentityError, add_override_arguments, configure_logging,
+                           load_study_spec, open_study, run_id, study_uuid, trial_counts, trial_dir,
+                           trial_root)
 from studies import StudySpec, StudySpecError
 
 logger = logging.getLogger("worker")
+
+# what one attempt of a trial writes about itself: a retry inherits the attempt's user attrs (Optuna
+# copies them), so it clears these when it starts, keeping the earlier reasons in `previous_fail_reasons`
+ATTEMPT_ATTRS = ("fail_reason", "resumed_from_epoch", "restarted_from_scratch")
+
 
 class WorkerInterrupted(BaseException):
     """SIGINT/SIGTERM while a trial runs: hand the trial back for retry."""
@@ -56,7 +69,8 @@ class Worker:
         self.study, self.spec, self.device = study, spec, device
         self.artifact_store = artifact_store  # default: storage.artifact_store(), opened at the first record
         self.progress, self.max_failures, self.poll_seconds = progress, max_failures, poll_seconds
-        self.checkpoint_root = (checkpoint_root or storage_lib.checkpoint_dir()) / spec.name
+        # trial folders are <root>/<study uuid>/trial-<n> (service.study.trial_dir); nothing outside is deleted
+        self.checkpoint_root = Path(checkpoint_root) if checkpoint_root is not None else storage_lib.checkpoint_dir()
         self.prepared = None  # tokenizer, pretrained encoder and data: loaded once, shared by trials
         self.dev_predictions = None  # of the running trial's last trained epoch
         self.stop_requested = False
@@ -174,6 +188,7 @@ class Worker:
     # ------------------------------------------------------------ one trial
 
     def train_trial(self, trial: optuna.Trial) -> float:
+        from mtbert.checkpoint import ResumeError
         from mtbert.config import TrainConfig
         from mtbert.train import train
 
@@ -182,8 +197,10 @@ class Worker:
         self.prepare(cfg)  # a no-op unless the space searches the model or the data
         history = optuna_compat.retry_history(self.study, trial)
         root = history[0] if history else trial.number
-        out = self.checkpoint_root / f"trial-{root}"
-        trial.set_user_attr("checkpoint", str(out))
+        if history:
+            self.start_retry(trial, history)
+        out = trial_dir(self.study, root, self.checkpoint_root)
+        trial.set_user_attr("checkpoint", str(out))  # for people only: cleanup and export derive the path
         trial.set_user_attr("device", device_name(cfg.device))
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("config", cfg.to_dict())
@@ -213,23 +230,60 @@ class Worker:
                 raise optuna.TrialPruned(f"epoch {result.epoch}: {self.spec.metric} {value:.4f}")
 
         logger.info("trial %d%s: %s", trial.number, f" (retry of {root})" if history else "", trial.params)
-        results = train(cfg, self.prepared, out_dir=out, callback=on_epoch, resume=True, progress=self.progress)
+        kwargs = dict(out_dir=out, callback=on_epoch, progress=self.progress, run_id=run_id(self.study, root))
+        try:
+            results = train(cfg, self.prepared, resume=True, **kwargs)
+        except ResumeError as exc:  # another run's or a damaged checkpoint: never report its score
+            logger.warning("trial %d: %s; training it from scratch", trial.number, exc)
+            trial.set_user_attr("restarted_from_scratch", str(exc)[:2000])
+            epoch_seconds.clear()
+            per_epoch.clear()
+            results = train(cfg, self.prepared, resume=False, **kwargs)
         return results[-1].metrics[self.spec.metric]
+
+    def start_retry(self, trial: optuna.Trial, history: list[int]) -> None:
+        """Clear what the retried attempt wrote about itself (Optuna copies its user attrs into the retry),
+        keeping its failure reason in `previous_fail_reasons`."""
+        inherited = trial.user_attrs
+        reasons = list(inherited.get("previous_fail_reasons") or [])
+        reasons.append({"trial": history[-1], "reason": inherited.get("fail_reason")
+                        or "worker lost (missed heartbeats)"})
+        trial.set_user_attr("previous_fail_reasons", reasons)
+        trial.set_user_attr("retry_of", history[-1])
+        for key in ATTEMPT_ATTRS:
+            if inherited.get(key) is not None:
+                trial.set_user_attr(key, None)  # Optuna cannot delete an attribute
 
     # ------------------------------------------------------------ disk
 
     def cleanup_checkpoints(self, finished: optuna.trial.FrozenTrial) -> None:
-        """Keep only the checkpoints of the study's best `keep_best` complete trials."""
+        """Keep only the checkpoints of the study's best `keep_best` complete trials.
+
+        Every folder is derived from the study's identity and the trial's retry chain (trial_dir),
+        never from user attributes, so only this study's own trial folders can ever be deleted.
+        """
         if finished.state != TrialState.COMPLETE:
-            remove(finished.user_attrs.get("checkpoint"))
+            self.remove(trial_dir(self.study, trial_root(finished), self.checkpoint_root))
             return
         from service.ranking import ranked_complete
 
-        complete = [t for t in ranked_complete(self.study, self.spec) if t.user_attrs.get("checkpoint")]
-        keep = {t.user_attrs["checkpoint"] for t in complete[: self.spec.keep_best]}
-        for t in complete[self.spec.keep_best:]:
-            if t.user_attrs["checkpoint"] not in keep:
-                remove(t.user_attrs["checkpoint"])
+        folders = [trial_dir(self.study, trial_root(t), self.checkpoint_root)
+                   for t in ranked_complete(self.study, self.spec)]
+        keep = set(folders[: self.spec.keep_best])
+        for folder in folders[self.spec.keep_best:]:
+            if folder not in keep:
+                self.remove(folder)
+
+    def remove(self, folder: Path) -> None:
+        """Delete a trial folder, only if it resolves to a folder inside this study's folder of the
+        checkpoint root (symlinks and `..` resolved first)."""
+        own = (self.checkpoint_root / study_uuid(self.study)).resolve()
+        target = folder.resolve()
+        if target == own or not target.is_relative_to(own):
+            logger.warning("not deleting %s: it is not inside this study's checkpoint folder %s", folder, own)
+            return
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
 
     # ------------------------------------------------------------ signals
 
@@ -243,11 +297,6 @@ class Worker:
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
-
-
-def remove(path: str | None) -> None:
-    if path and Path(path).exists():
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def free_accelerator_memory() -> None:
@@ -286,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec, overrides = load_study_spec(args.study, args)
         study = open_study(spec, url, overrides, seed=args.seed)
-    except (StudySpecError, storage_lib.StorageUnavailable) as exc:
+    except (StudySpecError, StudyIdentityError, storage_lib.StorageUnavailable) as exc:
         logger.error("%s", exc)
         return 2
     worker = Worker(study, spec, device=device, progress=args.progress, max_failures=args.max_failures,

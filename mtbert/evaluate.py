@@ -109,7 +109,7 @@ def predict_files(model: nn.Module, tokenizer, data_dir: Path, out_dir: Path, ma
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .checkpoint import load_model
+    from .checkpoint import CheckpointUnreadable, load_model
     from .config import resolve_data_dir, resolve_device
 
     parser = argparse.ArgumentParser(description="Score a saved run on dev and write CS224N prediction files.")
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer, cfg = load_model(Path(args.checkpoint), device)
         metrics = predict_files(model, tokenizer, resolve_data_dir(args.data_dir), out, cfg.max_length,
                                 args.batch_size, device, amp=device.type == "cuda")
-    except (FileNotFoundError, DataError) as exc:
+    except (FileNotFoundError, DataError, CheckpointUnreadable) as exc:
         logger.error("%s", exc)
         sys.exit(1)
     logger.info("predictions written to %s", out)

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint, set_rng_states, write_run_files
+from .checkpoint import (CheckpointUnreadable, ResumeError, RunMismatch, load_checkpoint, remove_stale_temp_files,
+                         run_identity, save_checkpoint, set_rng_states, verify_identity, write_run_files)
 from .config import TrainConfig, add_config_arguments, resolve_data_dir, resolve_device
 from .data import Batch, TaskData, TaskStream, load_splits
 from .evaluate import evaluate
@@ -157,12 +158,19 @@ def build_optimizer(model: MultitaskBert, cfg: TrainConfig, device: torch.device
 
 
 def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Path | None = None,
-          callback: EpochCallback | None = None, resume: bool = True, progress: bool = True) -> list[EpochResult]:
+          callback: EpochCallback | None = None, resume: bool = True, progress: bool = True,
+          run_id: str | None = None) -> list[EpochResult]:
     """Train, evaluating and checkpointing after each epoch; return the per-epoch results.
 
     With `resume` and a checkpoint in `out_dir`, training continues after its epoch and ends where
     an uninterrupted run would have; the restored epochs are passed to `callback` first, with
     `resumed=True`. The callback returning True stops training after that epoch.
+
+    The checkpoint is resumed only if it was written by the same run: the same `run_id` (a caller's
+    name for the run, e.g. the search's "<study uuid>/trial-<n>") and the same settings that decide
+    the result (mtbert.checkpoint.run_settings); otherwise RunMismatch, and CheckpointUnreadable for a
+    damaged file (both ResumeError; nothing in the folder is touched). Without `resume` the folder's
+    old checkpoint is removed and the run starts from scratch.
     """
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -185,21 +193,30 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
         model.encoder.compile(dynamic=True)
 
     out = Path(out_dir) if out_dir is not None else None
+    identity = run_identity(cfg, run_id) if out is not None else None
     history: list[dict[str, Any]] = []
+    results: list[EpochResult] = []  # the restored epochs, then this call's
     start_epoch, step = 0, 0
+    if out is not None and out.is_dir():
+        remove_stale_temp_files(out)  # left by a process killed mid-write (SIGKILL, power loss)
     state = load_checkpoint(out, map_location=device) if (out is not None and resume) else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state["scheduler"] is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        set_rng_states(state["rng"])
-        start_epoch, step, history = state["epoch"], state["step"], state["history"]
+        verify_identity(out, state, identity)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if state["scheduler"] is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            set_rng_states(state["rng"])
+            start_epoch, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
+            results = [EpochResult(**{**h, "resumed": True}) for h in history]
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointUnreadable(f"{out / 'checkpoint.pt'}: cannot restore it "
+                                       f"({type(exc).__name__}: {str(exc).strip()[:200]})") from None
         logger.info("resumed %s after epoch %d", out, start_epoch)
     elif out is not None:
-        write_run_files(out, cfg.to_dict(), prepared.encoder, prepared.tokenizer)
+        write_run_files(out, cfg.to_dict(), prepared.encoder, prepared.tokenizer, identity)
 
-    results = [EpochResult(**{**h, "resumed": True}) for h in history]
     for r in results:
         if callback is not None and callback(r):
             return results
@@ -237,7 +254,7 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
                     scores, metrics["overall"], result.seconds)
         if out is not None:
             save_checkpoint(out, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
-                            step=step, history=history)
+                            step=step, history=history, identity=identity)
         if callback is not None and callback(result):
             break
     return results
@@ -250,13 +267,20 @@ def main(argv: list[str] | None = None) -> None:
     add_config_arguments(parser)
     parser.add_argument("--out", default=None, help="run folder: checkpoint, config and metrics (default: none)")
     parser.add_argument("--no-resume", dest="resume", action="store_false",
-                        help="start from scratch even if --out holds a checkpoint")
+                        help="start from scratch, replacing the checkpoint in --out (default: resume it if it is this "
+                             "run's; refuse another run's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "resume", "quiet")})
     try:
         results = train(cfg, out_dir=args.out, resume=args.resume, progress=not args.quiet)
+    except RunMismatch as exc:
+        logger.error("%s: use a new --out, or --no-resume to start over in it", exc)
+        sys.exit(1)
+    except ResumeError as exc:
+        logger.error("%s: --no-resume starts over in that folder", exc)
+        sys.exit(1)
     except (NonFiniteLossError, ValueError, RuntimeError) as exc:
         logger.error("%s", exc)
         sys.exit(1)

@@ -1,24 +1,44 @@
 """Opening a study and what every command of the service shares: the study-file overrides,
-trial counts and logging. search.py, worker.py and the reports import these; nothing here trains.
+trial counts, logging, and the study's identity on disk. search.py, worker.py and the reports import
+these; nothing here trains.
+
+Identity: a study's name is not unique (two storages, or a study deleted and created again, can hold
+the same name), so everything a study or trial writes to disk is keyed by a UUID recorded on the study
+the first time it is opened (user attribute `study_uuid`): checkpoints in
+`<checkpoint root>/<study uuid>/trial-<root>` (root: the first trial of a retry chain, whose retries
+resume its checkpoint), worker logs in `storage/logs/<study key>/` and the trials CSV in
+`storage/<study key>-trials.csv` (study key: "<name>-<first 8 hex digits of the uuid>").
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import re
 import socket
+import uuid
 import warnings
+import weakref
 from collections import Counter
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
 import storage as storage_lib
+from service import optuna_compat
 from studies import StudySpec, load_spec
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+STUDY_UUID_ATTR = "study_uuid"
+
+
+class StudyIdentityError(RuntimeError):
+    """The study's recorded identity is unusable (its `study_uuid` attribute was edited)."""
+
+
 OVERRIDE_FLAGS = ("n_trials", "epochs", "max_examples", "model", "data_dir")
 
 
@@ -49,10 +69,69 @@ def open_study(spec: StudySpec, url: str | None, overrides: dict[str, Any], seed
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([spec.metric])
+    study_uuid(study)  # recorded now, before anything of the study is written to disk
     if overrides:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         study.set_user_attr(f"overrides {stamp} {role}@{socket.gethostname()}:{os.getpid()}", overrides)
     return study
+
+
+# ------------------------------------------------------------ identity
+
+_uuids: "weakref.WeakKeyDictionary[optuna.Study, str]" = weakref.WeakKeyDictionary()
+
+
+def study_uuid(study: optuna.Study, create: bool = True) -> str | None:
+    """The study's UUID, recorded on it (user attribute `study_uuid`) by the first caller.
+
+    Race-safe: it is set under the study's slot lock and read again there, so workers opening a new
+    study at once all get the same one. A study deleted and created again gets a new one. With
+    `create=False`, None for a study that has none yet (e.g. one created by an older version).
+    """
+    if study in _uuids:
+        return _uuids[study]
+    value = study.user_attrs.get(STUDY_UUID_ATTR)
+    if value is None:
+        if not create:
+            return None
+        with storage_lib.trial_slot_lock(optuna_compat.rdb_storage(study), study.study_name):
+            value = study.user_attrs.get(STUDY_UUID_ATTR)
+            if value is None:
+                value = str(uuid.uuid4())
+                study.set_user_attr(STUDY_UUID_ATTR, value)
+    try:
+        canonical = str(uuid.UUID(str(value)))
+    except ValueError:
+        canonical = None
+    if canonical != value:  # it names folders: anything but a canonical UUID could point elsewhere
+        raise StudyIdentityError(f"study {study.study_name}: user attribute {STUDY_UUID_ATTR} is {str(value)[:80]!r}, "
+                                 "not a UUID; it names the study's folders on disk and must not be edited")
+    _uuids[study] = value
+    return value
+
+
+def study_key(study: optuna.Study) -> str:
+    """A filesystem-safe "<name>-<uuid8>" for the study's logs and CSV: readable, and unique per study."""
+    name = re.sub(r"[^\w.-]", "_", study.study_name)[:64].lstrip(".") or "study"
+    return f"{name}-{study_uuid(study)[:8]}"
+
+
+def trial_root(trial: optuna.trial.FrozenTrial) -> int:
+    """The first trial of `trial`'s retry chain (itself for a first attempt): whose checkpoint it resumes."""
+    history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trial)
+    return int(history[0]) if history else trial.number
+
+
+def trial_dir(study: optuna.Study, root: int, checkpoint_root: str | Path | None = None) -> Path:
+    """`<checkpoint root>/<study uuid>/trial-<root>`: the run folder of a retry chain, derived from identity only
+    (never from a trial's user attributes, which anyone who can reach the dashboard can write)."""
+    base = Path(checkpoint_root) if checkpoint_root is not None else storage_lib.checkpoint_dir()
+    return base / study_uuid(study) / f"trial-{int(root)}"
+
+
+def run_id(study: optuna.Study, root: int) -> str:
+    """What the worker tells mtbert.train this run is: a checkpoint of another study or trial never matches."""
+    return f"{study_uuid(study)}/trial-{int(root)}"
 
 
 def trial_counts(study: optuna.Study) -> Counter:

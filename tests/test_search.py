@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 import storage as storage_lib
 from studies import load_spec
 from tiny import write_data
-from service.study import open_study
+from service.study import open_study, study_key
 from worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def test_three_workers_meet_the_budget_exactly(tmp_path, tiny_model, tiny_data, 
         assert {"sst_acc", "quora_acc", "sts_corr", "device", "checkpoint", "epoch_seconds"} <= set(t.user_attrs)
         assert len(t.user_attrs["epoch_seconds"]) == 3
     # disk stays bounded: only the best complete trial keeps its checkpoint
-    kept = sorted(p.name for p in (tmp_path / "ckpt" / "par").iterdir())
+    kept = sorted(p.name for p in (tmp_path / "ckpt" / study.user_attrs["study_uuid"]).iterdir())
     best = max(complete, key=lambda t: t.value)
     assert kept == [Path(best.user_attrs["checkpoint"]).name]
 
@@ -223,10 +223,11 @@ def test_search_runs_a_study_and_never_shows_the_password(tmp_path, tiny_model, 
     status = subprocess.run([sys.executable, "search.py", "--study", str(study_file), "--status", "--storage",
                              clean_pg_url], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and "budget 2" in status.stdout
-    logs = "".join(p.read_text() for p in (ROOT / "storage" / "logs" / "demo").glob("*.log"))
+    study = load(clean_pg_url, "demo")
+    logs = "".join(p.read_text() for p in (ROOT / "storage" / "logs" / study_key(study)).glob("*.log"))
+    assert "worker done" in logs
     for text in (proc.stdout, proc.stderr, status.stdout, status.stderr, logs):
         assert password not in text
-    study = load(clean_pg_url, "demo")
     assert study.user_attrs["spec"]["name"] == "demo"
     assert len([t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 2
 
