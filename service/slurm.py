@@ -333,7 +333,7 @@ def _wait_for_tasks(job: ArrayJob, timeout: float, poll: float = 2.0) -> bool:
     return True
 
 
-def _on_interrupt(job: ArrayJob, study_arg: str) -> None:
+def _on_interrupt(job: ArrayJob, status_command: str) -> None:
     """Ctrl-C (or SIGTERM): on a terminal ask whether to scancel the array; otherwise leave it running."""
     active = job.active()
     if not active:
@@ -350,8 +350,8 @@ def _on_interrupt(job: ArrayJob, study_arg: str) -> None:
         job.cancel()
         logger.warning("cancelled job array %s", job.job_id)
         return
-    logger.warning("job array %s keeps running; follow it with `python search.py --study %s --status`, "
-                   "stop it with `scancel %s`", job.job_id, study_arg, job.job_id)
+    logger.warning("job array %s keeps running; follow it with `%s`, stop it with `scancel %s`", job.job_id,
+                   status_command, job.job_id)
 
 
 def run_array(study_arg: str, study: optuna.Study, spec: StudySpec, url: str, args: argparse.Namespace) -> int:
@@ -372,7 +372,8 @@ def run_array(study_arg: str, study: optuna.Study, spec: StudySpec, url: str, ar
                 logger.warning("tasks %s still running 10 minutes after the budget was met",
                                ", ".join(f"{job.job_id}_{i}" for i in job.active()))
     except KeyboardInterrupt:
-        _on_interrupt(job, study_arg)
+        storage_option = f" --storage-file {args.storage_file}" if getattr(args, "storage_file", None) else ""
+        _on_interrupt(job, f"python search.py --study {study_arg} --status{storage_option}")
         return 130
     except SlurmError as exc:
         logger.error("%s", exc)
@@ -380,7 +381,8 @@ def run_array(study_arg: str, study: optuna.Study, spec: StudySpec, url: str, ar
     failed = report_tasks(job)
     finished = sum(trial_counts(study)[s] for s in FINISHED)
     if finished < spec.n_trials:
-        logger.error("every task of job array %s has ended with %d of %d trials finished; run the same command "
-                     "again to continue the study", job.job_id, finished, spec.n_trials)
+        logger.error("every task of job array %s has ended with %d of %d trials finished; %s", job.job_id, finished,
+                     spec.n_trials, "fix what failed, then run the same command again" if failed
+                     else "run the same command again to continue the study")
         return 1
     return 1 if failed else 0

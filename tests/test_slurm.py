@@ -444,14 +444,15 @@ def test_ctrl_c_asks_on_a_terminal_and_otherwise_leaves_the_array_running(monkey
             return self.tty
 
     monkeypatch.setattr(sys, "stdin", Tty(False))
-    launcher._on_interrupt(job, "lr_dropout")
-    assert calls == [] and "keeps running" in caplog.text and "scancel 42" in caplog.text
+    launcher._on_interrupt(job, "python search.py --study lr_dropout --status")
+    assert calls == [] and "scancel 42" in caplog.text
+    assert "keeps running; follow it with `python search.py --study lr_dropout --status`" in caplog.text
 
     monkeypatch.setattr(sys, "stdin", Tty(True))
     monkeypatch.setattr(sys, "stderr", Tty(True))
     for answer, cancelled in (("n", False), ("y", True)):
         monkeypatch.setattr("builtins.input", lambda prompt: answer)
-        launcher._on_interrupt(job, "lr_dropout")
+        launcher._on_interrupt(job, "python search.py --study lr_dropout --status")
         assert (["scancel", "42"] in calls) is cancelled
 
 
