@@ -141,6 +141,10 @@ def slurm():
         pytest.fail(f"starting {exc.cmd[0]} failed: {exc.stderr}", pytrace=False)
     finally:
         subprocess.run(["scancel", "--full", f"--user={os.getuid()}"], capture_output=True, timeout=30)
+        for _ in range(60):  # let the cancelled tasks' workers exit before slurmd goes
+            if not subprocess.run(["squeue", "--noheader"], capture_output=True, text=True, timeout=30).stdout.strip():
+                break
+            time.sleep(1)
         for pid_file in pid_files:
             _stop(pid_file)
         if old_conf is None:
