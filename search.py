@@ -3,6 +3,7 @@
     python search.py --study quickstart                  # CPU demo, SQLite under storage/
     python search.py --study lr_dropout                  # one worker per visible GPU
     python search.py --study lr_dropout --workers-per-gpu 4
+    python search.py --study lr_dropout --launcher slurm --workers 8 --storage-file ~/.mtbert-storage
     python search.py --study lr_dropout --status         # progress and leaderboard, runs nothing
     python search.py --study lr_dropout --dashboard      # optuna-dashboard on 127.0.0.1
     python search.py --study lr_dropout --report         # reports/lr_dropout/report.md and plots
@@ -24,6 +25,7 @@ import optuna
 import storage as storage_lib
 from service.launch import start_workers, stop_workers, worker_devices
 from service.progress import follow, print_summary, write_trials_csv
+from service.slurm import add_slurm_arguments, check_arguments, run_array
 from service.study import (StudyIdentityError, add_override_arguments, configure_logging, load_study_spec,
                            open_study, study_key)
 from studies import StudySpec, StudySpecError
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study", help="study name (a file in studies/) or path to a .toml")
     storage_lib.add_storage_arguments(parser)
     parser.add_argument("--workers", type=int, default=None,
-                        help="worker processes here (default: one per visible GPU, else 1 on CPU)")
+                        help="worker processes here (default: one per visible GPU, else 1 on CPU); "
+                             "with --launcher slurm: array tasks (required)")
     parser.add_argument("--workers-per-gpu", type=int, default=1, help="pack several trials on each GPU")
     parser.add_argument("--seed", type=int, default=None,
                         help="sampler seed: worker i gets SEED + i (default: the study file's, else random)")
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="report folder (default: reports/<study>/) or results page")
     parser.add_argument("--host", default="127.0.0.1", help="dashboard address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8080, help="dashboard port")
+    add_slurm_arguments(parser)
     add_override_arguments(parser)
     args = parser.parse_args(argv)
     try:
@@ -105,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", exc)
         return 2
     configure_logging(url)
+    problem = None if args.status or args.results or args.dashboard or args.report or args.export_best \
+        else check_arguments(args, url)
+    if problem:
+        logger.error("%s", problem)
+        return 2
     signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's or timeout's TERM stops workers like Ctrl-C
     if args.results:
         return write_results(url, Path(args.out or ROOT / "docs" / "results.md"))
@@ -134,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.report or args.export_best:
         return write_outputs(study, spec, url, args)
 
-    if not args.status:
+    status = 0
+    if not args.status and args.launcher == "slurm":
+        status = run_array(args.study, study, spec, url, args)
+    elif not args.status:
         devices = worker_devices(args.workers, args.workers_per_gpu)
         log_dir = storage_lib.STORAGE_DIR / "logs" / study_key(study)  # by identity: one folder per study
         procs = start_workers(args.study, url, devices, args, log_dir)
@@ -153,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     df = print_summary(study, spec)
     if not df.empty and not args.status:
         print(f"\ntrials written to {write_trials_csv(df, study_key(study))}")
-    return 0
+    return status
 
 
 if __name__ == "__main__":
