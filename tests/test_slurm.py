@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 import storage as storage_lib
+from service.study import study_key, study_uuid
 from service import slurm as launcher
 from test_search import assert_budget_met_exactly, load, write_study
 from tiny import write_data
@@ -238,10 +239,11 @@ def test_search_launches_an_array_that_meets_the_budget_exactly_and_never_shows_
     assert_budget_met_exactly(study, 5, 2)
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)  # nothing RUNNING
     # checkpoints, artifacts and task output live in the one shared folder
-    assert (shared / "checkpoints" / "arr").is_dir() and any((shared / "artifacts").iterdir())
-    logs = sorted(p.name for p in (shared / "logs" / "arr").iterdir())
+    assert (shared / "checkpoints" / study_uuid(study)).is_dir() and any((shared / "artifacts").iterdir())
+    log_dir = shared / "logs" / study_key(study)  # keyed by the study's identity, not its name
+    logs = sorted(p.name for p in log_dir.iterdir())
     assert logs == [f"worker-{job}_{i}.out" for i in range(3)]
-    ran = sum(1 for p in (shared / "logs" / "arr").iterdir() for line in p.read_text().splitlines()
+    ran = sum(1 for p in log_dir.iterdir() for line in p.read_text().splitlines()
               if " INFO worker: trial " in line and ": {" in line)
     assert ran == 5  # every trial ran once, spread over the tasks
 
