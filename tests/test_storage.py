@@ -33,9 +33,12 @@ def test_resolve_url_precedence(monkeypatch, tmp_path):
     assert storage.DEFAULT_URL == f"sqlite:///{storage.STORAGE_DIR / 'mtbert.db'}"
     monkeypatch.setenv("MTBERT_STORAGE", "postgresql://u:p@h/db")
     assert resolve_url() == "postgresql://u:p@h/db"
-    assert resolve_url("sqlite:///x.db") == "sqlite:///x.db"
     monkeypatch.chdir(tmp_path)
     assert resolve_url("sub/a.db") == f"sqlite:///{tmp_path / 'sub' / 'a.db'}"
+    # a relative SQLite URL is made absolute: workers started elsewhere must open the same file
+    assert resolve_url("sqlite:///x.db") == f"sqlite:///{tmp_path / 'x.db'}"
+    assert resolve_url("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
+    assert resolve_url("sqlite://") == "sqlite://"
 
 
 @pytest.mark.parametrize(
