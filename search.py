@@ -44,13 +44,16 @@ def write_outputs(study: optuna.Study, spec: StudySpec, url: str, args: argparse
     from reports.export_best import ExportError, export_best
     from reports.study_report import write_report
 
-    if args.report:
-        print(f"report written to {write_report(study, spec, Path(args.out or ROOT / 'reports' / spec.name), url)}")
-        return 0
     try:
+        if args.report:
+            print(f"report written to {write_report(study, spec, Path(args.out or ROOT / 'reports' / spec.name), url)}")
+            return 0
         print(f"best trial exported to {export_best(study, spec, Path(args.export_best), args.data_dir)}")
     except ExportError as exc:
         logger.error("%s", exc)
+        return 2
+    except OSError as exc:  # an output folder that is a file, not writable, a full disk
+        logger.error("cannot write %s: %s", exc.filename or args.out or args.export_best, exc.strerror or exc)
         return 2
     return 0
 
@@ -60,6 +63,7 @@ def write_results(url: str, out: Path) -> int:
     from reports.results_page import write_results_page
 
     try:
+        storage_lib.open_storage(url, heartbeat=False, create=False).engine.dispose()  # "no storage at PATH"
         print(f"results page written to {write_results_page(url, out)}")
     except storage_lib.StorageUnavailable as exc:
         logger.error("%s", exc)
@@ -195,12 +199,15 @@ def run(argv: list[str] | None = None) -> int:
         log_dir = storage_lib.STORAGE_DIR / "logs" / spec.name
         procs = start_workers(args.study, url, devices, args, log_dir)
         _running[:] = procs
+        outage = None
         try:
             follow(study, spec, procs)
             for p, _ in procs:  # the budget is met: workers exit by themselves
                 p.wait()
         except KeyboardInterrupt:
             logger.warning("stopping workers; their running trials are handed back and resume next time")
+        except storage_lib.StorageOutage as exc:  # the workers ride it out as long, then give up too
+            outage = exc
         finally:
             signal.signal(signal.SIGINT, _during_shutdown)  # from here on a signal must not break the shutdown
             signal.signal(signal.SIGTERM, _during_shutdown)
@@ -208,6 +215,9 @@ def run(argv: list[str] | None = None) -> int:
         failed = [i for i, (p, _) in enumerate(procs) if p.returncode not in (0, -signal.SIGTERM)]
         for i in failed:
             logger.error("worker %d exited with %s; see %s", i, procs[i][0].returncode, log_dir / f"worker-{i}.log")
+        if outage is not None:
+            logger.error("%s; workers stopped, their running trials are retried when the study runs again", outage)
+            return 3
 
     df = print_summary(study, spec)
     if not df.empty and not args.status:

@@ -306,8 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     except (StudySpecError, storage_lib.StorageUnavailable) as exc:
         logger.error("%s", exc)
         return 2
-    worker = Worker(study, spec, device=device, progress=args.progress, max_failures=args.max_failures,
-                    poll_seconds=args.poll_seconds)
+    try:
+        worker = Worker(study, spec, device=device, progress=args.progress, max_failures=args.max_failures,
+                        poll_seconds=args.poll_seconds)
+    except storage_lib.StorageConfigError as exc:  # e.g. MTBERT_CHECKPOINT_DIR cannot be created
+        logger.error("%s", exc)
+        return 2
     worker.install_signal_handlers()
     from mtbert.data import DataError
     from mtbert.model import ModelLoadError

@@ -348,7 +348,8 @@ def outage_seconds() -> float:
 
 
 def _reason(exc: BaseException, secrets: list[str]) -> str:
-    """A one-line, secret-free reason for a failed connection."""
+    """A one-line, secret-free reason for a failed connection (the driver's words, not Optuna's wrapper's)."""
+    exc = next((e for e in _exception_chain(exc) if isinstance(e, sqlalchemy.exc.DBAPIError)), exc)
     text = str(getattr(exc, "orig", None) or exc).strip()
     low = text.lower()
     if "connection refused" in low:
@@ -697,18 +698,25 @@ def trial_slot_lock(storage: RDBStorage, study_name: str) -> Iterator[None]:
 # --------------------------------------------------------------------------- files
 
 
+def _folder(variable: str, default: Path) -> Path:
+    """The folder in env ``variable`` (else ``default``), created; StorageConfigError when it cannot be."""
+    path = Path(os.environ.get(variable) or default).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageConfigError(f"{variable}={str(path)!r}: cannot create the folder ({exc.strerror or exc})") \
+            from None
+    return path
+
+
 def artifact_store() -> optuna.artifacts.FileSystemArtifactStore:
     """Artifact store under ``MTBERT_ARTIFACT_DIR`` or ``storage/artifacts`` (created)."""
-    root = Path(os.environ.get("MTBERT_ARTIFACT_DIR") or STORAGE_DIR / "artifacts")
-    root.mkdir(parents=True, exist_ok=True)
-    return optuna.artifacts.FileSystemArtifactStore(str(root))
+    return optuna.artifacts.FileSystemArtifactStore(str(_folder("MTBERT_ARTIFACT_DIR", STORAGE_DIR / "artifacts")))
 
 
 def checkpoint_dir() -> Path:
     """``MTBERT_CHECKPOINT_DIR`` or ``storage/checkpoints`` (created)."""
-    path = Path(os.environ.get("MTBERT_CHECKPOINT_DIR") or STORAGE_DIR / "checkpoints")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _folder("MTBERT_CHECKPOINT_DIR", STORAGE_DIR / "checkpoints")
 
 
 # --------------------------------------------------------------------------- logging

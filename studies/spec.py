@@ -288,7 +288,11 @@ class _Loader:
         if not isinstance(raw.get("reference_source", ""), str):
             self.fail("reference_source", "must be a string")
         reference = self.reference(raw.get("reference", {}), space, grid is not None)
-        spec = StudySpec(name or self.path.stem, self.path, raw.get("description", ""),
+        name = name or self.path.stem
+        if not re.fullmatch(r"\w[\w.-]{0,99}", name):
+            self.fail("name", f"{name!r}: a study's name (its file's name) must be letters, digits, '_', '-' or "
+                              f"'.', not starting with '.' or '-': it names the study's folders and logs")
+        spec = StudySpec(name, self.path, raw.get("description", ""),
                          self.choice("direction", raw.get("direction"), DIRECTIONS),
                          self.choice("metric", raw.get("metric"), METRICS), n_trials,
                          self.integer("keep_best", raw.get("keep_best", 1), 0), train, space, sampler, pruner,
