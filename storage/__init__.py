@@ -84,7 +84,7 @@ def resolve_url(url: str | None = None, url_file: str | os.PathLike | None = Non
     if not url and os.environ.get("MTBERT_STORAGE_FILE"):
         path = os.environ["MTBERT_STORAGE_FILE"]
         url, base = read_url_file(path), Path(path).expanduser().resolve().parent
-    url = url or DEFAULT_URL
+    url = (url or "").strip() or DEFAULT_URL  # a pasted URL's stray blank or newline
     if "://" not in url and url.endswith(".db"):
         url = f"sqlite:///{url}"
     return _absolute_sqlite(url, base or Path.cwd())
@@ -273,6 +273,17 @@ def secrets_of(url: str) -> list[str]:
     return sorted((v for v in variants if v), key=len, reverse=True)
 
 
+def scrub(text: str, secrets: list[str]) -> str:
+    """``text`` with every secret replaced by ``***``. A short secret (under 8 characters) only where it
+    stands alone, not inside a longer word: a password "p" must not turn "port" into "***ort"."""
+    for secret in secrets:
+        if len(secret) >= 8:
+            text = text.replace(secret, "***")
+        else:
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", "***", text)
+    return text
+
+
 def normalize_url(url: str) -> str:
     """``url`` as the user meant it: a password with an unencoded ``@``, ``/``, ``?``, ``#`` or ``:`` is
     percent-encoded (SQLAlchemy would otherwise split it at the first ``@``); anything else unchanged."""
@@ -368,9 +379,7 @@ def _reason(exc: BaseException, secrets: list[str]) -> str:
         text = "unsupported URL scheme"
     else:
         text = text.splitlines()[0] if text else type(exc).__name__
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text[:300]
+    return scrub(text, secrets)[:300]
 
 
 def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: object) -> None:
@@ -566,8 +575,8 @@ def open_storage(url: str | None = None, *, heartbeat: bool = True, create: bool
     settings = heartbeat_settings() if heartbeat else None
 
     failure = None
-    try:
-        with _init_lock(url, db_file), warnings.catch_warnings():
+    try:  # a command that only reads takes no setup lock and never switches a foreign file to WAL
+        with _init_lock(url, db_file) if create else contextlib.nullcontext(), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             if settings is not None:
                 interval, grace, max_retry = settings
@@ -730,9 +739,7 @@ class _SecretFilter(logging.Filter):
         self.secrets: list[str] = []
 
     def _scrub(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+        return scrub(text, self.secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.secrets or getattr(record, "_mtbert_scrubbed", False):
