@@ -79,7 +79,7 @@ def open_study(spec: StudySpec, url: str | None, overrides: dict[str, Any], seed
     else:
         differences = spec_differences(attrs["spec"], spec, overrides)
         if differences:
-            raise StudyMismatch(f"{spec.path}: differs from study {spec.name!r} in {storage_lib.redact(url or '')} "
+            raise StudyMismatch(f"{spec.path}: differs from study {spec.name!r} in {storage_lib.redact(storage_lib.resolve_url(url))} "
                                 f"in what changes results: {'; '.join(differences)} (restore these values, or "
                                 f"copy the file under a new name for a new study)")
     record = dict(overrides)

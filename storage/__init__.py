@@ -463,6 +463,12 @@ class _Outage:
                                 f"{self.limit:g})") from None
         return left
 
+    def __getstate__(self) -> dict:  # a pickled storage (another process) starts without an outage
+        return {k: v for k, v in self.__dict__.items() if k not in ("lock", "since")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, since=None, lock=threading.Lock())
+
     def ok(self) -> None:
         if self.since is not None:
             with self.lock:
