@@ -34,9 +34,10 @@ ROOT = Path(__file__).resolve().parent
 def run_dashboard(url: str, host: str, port: int) -> None:
     from optuna_dashboard import run_server
 
+    rdb = storage_lib.open_storage(url, heartbeat=False, create=False)
+    artifacts = storage_lib.artifact_store()
     logger.info("optuna-dashboard on http://%s:%d (Ctrl-C to stop)", host, port)
-    run_server(storage_lib.open_storage(url, heartbeat=False, create=False), host=host, port=port,
-               artifact_store=storage_lib.artifact_store())
+    run_server(rdb, host=host, port=port, artifact_store=artifacts)
 
 
 def write_outputs(study: optuna.Study, spec: StudySpec, url: str, args: argparse.Namespace) -> int:
