@@ -26,8 +26,8 @@ import storage as storage_lib
 from service.launch import start_workers, stop_workers, worker_devices
 from service.progress import follow, print_summary, write_trials_csv
 from service.slurm import add_slurm_arguments, check_arguments, run_array
-from service.study import (StudyIdentityError, add_override_arguments, configure_logging, load_study_spec,
-                           open_study, study_key)
+from service.study import (SEED, StudyIdentityError, add_override_arguments, bounded, configure_logging,
+                           load_study_spec, open_study, study_key)
 from studies import StudySpec, StudySpecError
 
 logger = logging.getLogger("search")
@@ -37,9 +37,10 @@ ROOT = Path(__file__).resolve().parent
 def run_dashboard(url: str, host: str, port: int) -> None:
     from optuna_dashboard import run_server
 
+    rdb = storage_lib.open_storage(url, heartbeat=False, create=False)
+    artifacts = storage_lib.artifact_store()
     logger.info("optuna-dashboard on http://%s:%d (Ctrl-C to stop)", host, port)
-    run_server(storage_lib.open_storage(url, heartbeat=False), host=host, port=port,
-               artifact_store=storage_lib.artifact_store())
+    run_server(rdb, host=host, port=port, artifact_store=artifacts)
 
 
 def write_outputs(study: optuna.Study, spec: StudySpec, url: str, args: argparse.Namespace) -> int:
@@ -47,13 +48,16 @@ def write_outputs(study: optuna.Study, spec: StudySpec, url: str, args: argparse
     from reports.export_best import ExportError, export_best
     from reports.study_report import write_report
 
-    if args.report:
-        print(f"report written to {write_report(study, spec, Path(args.out or ROOT / 'reports' / spec.name), url)}")
-        return 0
     try:
+        if args.report:
+            print(f"report written to {write_report(study, spec, Path(args.out or ROOT / 'reports' / spec.name), url)}")
+            return 0
         print(f"best trial exported to {export_best(study, spec, Path(args.export_best), args.data_dir)}")
     except ExportError as exc:
         logger.error("%s", exc)
+        return 2
+    except OSError as exc:  # an output folder that is a file, not writable, a full disk
+        logger.error("cannot write %s: %s", exc.filename or args.out or args.export_best, exc.strerror or exc)
         return 2
     return 0
 
@@ -63,6 +67,7 @@ def write_results(url: str, out: Path) -> int:
     from reports.results_page import write_results_page
 
     try:
+        storage_lib.open_storage(url, heartbeat=False, create=False).engine.dispose()  # "no storage at PATH"
         print(f"results page written to {write_results_page(url, out)}")
     except storage_lib.StorageUnavailable as exc:
         logger.error("%s", exc)
@@ -74,18 +79,78 @@ def write_results(url: str, out: Path) -> int:
 
 
 def _interrupt(signum, _frame):
+    """The first Ctrl-C or SIGTERM: stop (the workers hand their trials back). Later ones only say so:
+    a second signal must not break the shutdown half-way (a third kills the workers)."""
+    signal.signal(signal.SIGINT, _during_shutdown)
+    signal.signal(signal.SIGTERM, _during_shutdown)
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+_running: list = []  # the worker processes, for a third signal
+_signals_during_shutdown = 0
+
+
+def _during_shutdown(signum, _frame):
+    global _signals_during_shutdown
+    _signals_during_shutdown += 1
+    if _signals_during_shutdown == 1:
+        logger.warning("%s: already stopping; workers are handing back their running trials (once more to kill "
+                       "them: their trials are then retried after the heartbeat grace period)",
+                       signal.Signals(signum).name)
+    else:
+        for p, _ in _running:
+            if p.poll() is None:
+                p.kill()
+
+
+class NoStudy(LookupError):
+    """The storage has no study of that name."""
+
+
+def _load_existing(spec: StudySpec, url: str, study_arg: str) -> tuple[optuna.Study, StudySpec]:
+    """The study for a command that only reads it, and the spec to read it with: the one recorded on the
+    study where the file now differs from it in what changes results (the file is then the wrong guide)."""
+    from studies import spec_from_dict
+    from studies.spec import spec_differences
+
+    rdb = storage_lib.open_storage(url, heartbeat=False, create=False)
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=rdb)
+    except KeyError:
+        raise NoStudy(f"no study {spec.name!r} in {storage_lib.redact(url)} (python search.py --study "
+                      f"{study_arg} creates it)") from None
+    recorded = study.user_attrs.get("spec")
+    differences = spec_differences(recorded, spec) if recorded else []
+    if differences:
+        logger.warning("%s differs from the study's recorded spec (%s): showing the study as recorded",
+                       spec.path, "; ".join(differences))
+        try:
+            spec = spec_from_dict(recorded)
+        except StudySpecError as exc:  # recorded by an older version: fall back to the file
+            logger.warning("recorded spec not usable (%s); using the file", exc)
+    return study, spec
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's or timeout's TERM stops workers like Ctrl-C
+    try:
+        return run(argv)
+    except KeyboardInterrupt:  # before any worker started, or while only reading
+        logger.warning("interrupted")
+        return 130
+
+
+def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", help="study name (a file in studies/) or path to a .toml")
     storage_lib.add_storage_arguments(parser)
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=bounded(int, 1), default=None,
                         help="worker processes here (default: one per visible GPU, else 1 on CPU); "
                              "with --launcher slurm: array tasks (required)")
-    parser.add_argument("--workers-per-gpu", type=int, default=1, help="pack several trials on each GPU")
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--workers-per-gpu", type=bounded(int, 1), default=1,
+                        help="pack several trials on each GPU (default: 1)")
+    parser.add_argument("--seed", type=SEED, default=None,
                         help="sampler seed: worker i gets SEED + i (default: the study file's, else random)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--status", action="store_true", help="print progress and leaderboard; run nothing")
@@ -98,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="copy the best trial's checkpoint to DIR and write its CS224N predictions")
     parser.add_argument("--out", default=None, help="report folder (default: reports/<study>/) or results page")
     parser.add_argument("--host", default="127.0.0.1", help="dashboard address (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8080, help="dashboard port")
+    parser.add_argument("--port", type=bounded(int, 1, 65535), default=8080, help="dashboard port (default: 8080)")
     add_slurm_arguments(parser)
     add_override_arguments(parser)
     args = parser.parse_args(argv)
@@ -114,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         logger.error("%s", problem)
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's or timeout's TERM stops workers like Ctrl-C
     if args.results:
         return write_results(url, Path(args.out or ROOT / "docs" / "results.md"))
     if not args.study:
@@ -124,20 +188,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.dashboard:
             try:
                 run_dashboard(url, args.host, args.port)
+            except KeyboardInterrupt:
+                return 0
             except OSError as exc:  # port taken, address not ours
                 logger.error("cannot serve the dashboard on %s:%d: %s (pick another --port)", args.host,
                              args.port, exc.strerror or exc)
                 return 2
             return 0
         if args.status or args.report or args.export_best:
-            study = optuna.load_study(study_name=spec.name, storage=storage_lib.open_storage(url, heartbeat=False))
+            study, spec = _load_existing(spec, url, args.study)
         else:
             study = open_study(spec, url, overrides, seed=args.seed, role="search")
-    except KeyError:
-        logger.error("no study %r in %s (python search.py --study %s creates it)", spec.name,
-                     storage_lib.redact(url), spec.name)
-        return 2
-    except (StudySpecError, StudyIdentityError, storage_lib.StorageUnavailable) as exc:
+    except (StudySpecError, StudyIdentityError, storage_lib.StorageUnavailable, NoStudy) as exc:
         logger.error("%s", exc)
         return 2
     if args.report or args.export_best:
@@ -150,17 +212,26 @@ def main(argv: list[str] | None = None) -> int:
         devices = worker_devices(args.workers, args.workers_per_gpu)
         log_dir = storage_lib.STORAGE_DIR / "logs" / study_key(study)  # by identity: one folder per study
         procs = start_workers(args.study, url, devices, args, log_dir)
+        _running[:] = procs
+        outage = None
         try:
             follow(study, spec, procs)
             for p, _ in procs:  # the budget is met: workers exit by themselves
                 p.wait()
         except KeyboardInterrupt:
             logger.warning("stopping workers; their running trials are handed back and resume next time")
+        except storage_lib.StorageOutage as exc:  # the workers ride it out as long, then give up too
+            outage = exc
         finally:
+            signal.signal(signal.SIGINT, _during_shutdown)  # from here on a signal must not break the shutdown
+            signal.signal(signal.SIGTERM, _during_shutdown)
             stop_workers(procs)
         failed = [i for i, (p, _) in enumerate(procs) if p.returncode not in (0, -signal.SIGTERM)]
         for i in failed:
             logger.error("worker %d exited with %s; see %s", i, procs[i][0].returncode, log_dir / f"worker-{i}.log")
+        if outage is not None:
+            logger.error("%s; workers stopped, their running trials are retried when the study runs again", outage)
+            return 3
 
     df = print_summary(study, spec)
     if not df.empty and not args.status:

@@ -17,6 +17,7 @@ such derived folders, and nothing that does not resolve inside the checkpoint ro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import shutil
@@ -35,9 +36,9 @@ from optuna.trial import TrialState
 import storage as storage_lib
 from mtbert.tasks import SCORES
 from service import optuna_compat
-from service.study import (FINISHED, StudyIdentityError, add_override_arguments, configure_logging,
-                           load_study_spec, open_study, run_id, study_uuid, trial_counts, trial_dir,
-                           trial_root)
+from mtbert.config import device_problem
+from service.study import (FINISHED, SEED, StudyIdentityError, add_override_arguments, bounded, configure_logging,
+                           load_study_spec, open_study, run_id, study_uuid, trial_counts, trial_dir, trial_root)
 from studies import StudySpec, StudySpecError
 
 logger = logging.getLogger("worker")
@@ -145,10 +146,19 @@ class Worker:
                 self.hand_back(trial)
                 self.stop_requested = True
                 return TrialState.RUNNING
+            except storage_lib.StorageOutage:  # no write can succeed: the trial stays RUNNING, its
+                raise                           # heartbeats stop, and another worker retries it later
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # failed meanwhile by another worker (our heartbeats missed its grace, e.g. in a storage outage)
+                frozen = self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                logger.warning("trial %d was marked %s by another worker (missed heartbeats); its retry resumes "
+                               "from the checkpoint", trial.number, frozen.state.name)
+                return frozen.state
             except Exception as exc:  # OOM, NaN loss, bad data...: this trial fails, the worker goes on
                 state, value = TrialState.FAIL, None
                 reason = f"{type(exc).__name__}: {exc}"
-                trial.set_user_attr("fail_reason", reason[:2000])
+                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                    trial.set_user_attr("fail_reason", reason[:2000])
                 logger.error("trial %d failed: %s", trial.number, reason)
                 free_accelerator_memory()
             finally:
@@ -314,13 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", required=True, help="study name (a file in studies/) or path to a .toml")
     storage_lib.add_storage_arguments(parser)
-    parser.add_argument("--gpu", type=int, default=None, help="GPU index to train on (sets --device cuda:I)")
+    parser.add_argument("--gpu", type=bounded(int, 0), default=None, help="GPU index to train on (sets --device cuda:I)")
     parser.add_argument("--device", default=None,
                         help="'cpu', 'cuda', 'cuda:1', ... (default: the study file's, else GPU if any)")
-    parser.add_argument("--seed", type=int, default=None, help="sampler seed (default: the study file's, else random)")
-    parser.add_argument("--max-failures", type=int, default=3, help="stop after this many failed trials in a row")
-    parser.add_argument("--poll-seconds", type=float, default=5.0,
-                        help="wait between checks when all remaining trials run elsewhere")
+    parser.add_argument("--seed", type=SEED, default=None, help="sampler seed (default: the study file's, else random)")
+    parser.add_argument("--max-failures", type=bounded(int, 1), default=3,
+                        help="stop after this many failed trials in a row (default: 3)")
+    parser.add_argument("--poll-seconds", type=bounded(float, 0.01, 3600), default=5.0,
+                        help="wait between checks when all remaining trials run elsewhere (default: 5)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no per-epoch progress bars")
     add_override_arguments(parser)
     args = parser.parse_args(argv)
@@ -334,22 +345,35 @@ def main(argv: list[str] | None = None) -> int:
     device = f"cuda:{args.gpu}" if args.gpu is not None else args.device
     try:
         spec, overrides = load_study_spec(args.study, args)
+        # the device this worker trains on must exist here: one error now, not a failed trial per claim
+        problem = device_problem(device or spec.train.get("device", "auto"), available=True)
+        if problem:
+            logger.error("%s", problem)
+            return 2
         study = open_study(spec, url, overrides, seed=args.seed)
     except (StudySpecError, StudyIdentityError, storage_lib.StorageUnavailable) as exc:
         logger.error("%s", exc)
         return 2
-    worker = Worker(study, spec, device=device, progress=args.progress, max_failures=args.max_failures,
-                    poll_seconds=args.poll_seconds)
+    try:
+        worker = Worker(study, spec, device=device, progress=args.progress, max_failures=args.max_failures,
+                        poll_seconds=args.poll_seconds)
+    except storage_lib.StorageConfigError as exc:  # e.g. MTBERT_CHECKPOINT_DIR cannot be created
+        logger.error("%s", exc)
+        return 2
     worker.install_signal_handlers()
     from mtbert.data import DataError
     from mtbert.model import ModelLoadError
 
     try:
         ran = worker.run()
+        counts = trial_counts(study)
     except (DataError, ModelLoadError) as exc:
         logger.error("%s", exc)
         return 2
-    counts = trial_counts(study)
+    except storage_lib.StorageOutage as exc:
+        logger.error("%s; this worker stops, its running trial is retried by another worker once the storage "
+                     "is back", exc)
+        return 3
     logger.info("worker done: ran %d trial(s); study %s has %d complete, %d pruned, %d failed of %d", ran,
                 spec.name, counts[TrialState.COMPLETE], counts[TrialState.PRUNED], counts[TrialState.FAIL],
                 spec.n_trials)

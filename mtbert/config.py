@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,7 @@ class TrainConfig:
             (self.max_examples >= 0, "max_examples must be >= 0"),
             (self.max_length >= 8, "max_length must be >= 8"),
             (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)"),
+            (device_problem(self.device) is None, device_problem(self.device) or ""),
         ]
         for ok, message in checks:
             if not ok:
@@ -93,6 +95,30 @@ def config_fields() -> set[str]:
 def resolve_data_dir(data_dir: str | None) -> Path:
     """--data-dir, else $MTBERT_DATA_DIR, else ./data."""
     return Path(data_dir or os.environ.get("MTBERT_DATA_DIR") or "data")
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def device_problem(name: Any, available: bool = False) -> str | None:
+    """Why ``name`` is no device to train on, or None: it must read auto, cpu, cuda, cuda:N or mps; with
+    ``available``, it must also exist on this machine (a CUDA device needs CUDA and that many GPUs)."""
+    if not isinstance(name, str) or not _DEVICE.fullmatch(name):
+        return f"unknown device {name!r} (valid: auto, cpu, cuda, cuda:N, mps)"
+    if not available or name in ("auto", "cpu"):
+        return None
+    import torch
+
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if count == 0:
+            return f"device {name}: CUDA is not available on this machine (train on cpu, or run on a GPU node)"
+        if index >= count:
+            return f"device {name}: this machine has {count} CUDA device(s): cuda:0 .. cuda:{count - 1}"
+    elif not torch.backends.mps.is_available():
+        return f"device {name}: MPS is not available on this machine"
+    return None
 
 
 def resolve_device(name: str):

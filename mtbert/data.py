@@ -73,8 +73,18 @@ def task_path(data_dir: Path, task: str, split: str) -> Path:
     return Path(data_dir) / TASK_TABLE[task].file_name(split)
 
 
+def _has_undecodable(values: list[str]) -> bool:
+    """True when a value holds bytes that were not UTF-8 (kept as lone surrogates by surrogateescape)."""
+    return any(any("\udc80" <= ch <= "\udcff" for ch in v) for v in values if not v.isascii())
+
+
 def read_task(path: Path, task: str, labelled: bool = True) -> RawTask:
-    """Read one CS224N-format file; skip and count malformed rows (one warning per file)."""
+    """Read one CS224N-format file; skip and count malformed rows (one warning per file).
+
+    Malformed: a missing or extra field, an unusable label, broken quoting, a byte that is not UTF-8,
+    or a field longer than the csv module's limit (131072 characters): no sentence of the tasks comes
+    near it.
+    """
     spec = TASK_TABLE[task]
     columns = spec.sentence_columns + ((spec.label_column,) if labelled else ())
     expected = ", ".join(("id",) + columns)
@@ -84,16 +94,33 @@ def read_task(path: Path, task: str, labelled: bool = True) -> RawTask:
     sentences: list[list[str]] = [[] for _ in spec.sentence_columns]
     labels: list[float] = []
     skipped, first_bad = 0, None
-    with open(path, newline="", encoding="utf-8") as f:
+    try:
+        f = open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    with f:
         reader = csv.DictReader(f, delimiter="\t")
-        missing = [c for c in ("id",) + columns if c not in (reader.fieldnames or [])]
+        try:
+            fieldnames = reader.fieldnames or []
+        except (csv.Error, OSError) as exc:
+            raise DataError(f"{path}: unreadable header line ({exc})") from None
+        missing = [c for c in ("id",) + columns if c not in fieldnames]
         if missing:
             raise DataError(f"{path}: missing column(s) {', '.join(missing)} (expected {expected})")
-        for row in reader:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error:  # a field over the csv limit: the row is dropped, reading goes on
+                skipped += 1
+                first_bad = first_bad or reader.line_num
+                continue
             values = [(row.get(c) or "").strip() for c in ("id",) + columns]
             label = spec.parse_label(values[-1]) if labelled else 0.0
             # None key: more fields than the header; a newline inside a field: broken quoting
-            if None in row or not all(values) or label is None or any("\n" in v for v in values):
+            if None in row or not all(values) or label is None or any("\n" in v for v in values) \
+                    or _has_undecodable(values):
                 skipped += 1
                 first_bad = first_bad or reader.line_num
                 continue
@@ -149,8 +176,12 @@ def load_task(data_dir: Path, task: str, split: str, tokenizer, max_length: int 
     labelled = split != "test-student" if labelled is None else labelled
     if not path.is_file():  # the same clear error read_task would give, before hashing
         read_task(path, task, labelled)
+    try:
+        content = hashlib.sha1(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     key = hashlib.sha1(
-        f"{CACHE_VERSION}|{_tokenizer_fingerprint(tokenizer)}|{hashlib.sha1(path.read_bytes()).hexdigest()}"
+        f"{CACHE_VERSION}|{_tokenizer_fingerprint(tokenizer)}|{content}"
         f"|{task}|{labelled}|{max_length}|{max_examples}".encode()
     ).hexdigest()
     cache = _cache_dir() / f"{task}-{split}-{key[:20]}.pt"

@@ -14,6 +14,20 @@ from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCal
 from optuna.storages._heartbeat import get_heartbeat_thread  # private: the heartbeat study.optimize runs
 
 
+# The RDBStorage methods that talk to the database, which storage.RetryingRDBStorage retries through an
+# outage: the public ones, and the private ones that Optuna's `_CachedStorage` (the wrapper every Study
+# puts around an RDBStorage) and `fail_stale_trials` call on it. Pinned by tests/test_optuna_compat.py.
+RDB_DATABASE_METHODS: tuple[str, ...] = (
+    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
+    "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
+    "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies", "create_new_trial", "set_trial_param",
+    "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
+    "set_trial_system_attr", "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials",
+    "get_n_trials", "get_best_trial", "record_heartbeat",
+    "_create_new_trial", "_set_trial_param", "_get_trials", "_get_best_trial_id", "_get_stale_trial_ids",
+)
+
+
 def study_storage(study: optuna.Study) -> BaseStorage:
     """The storage a study talks to (Optuna's `_CachedStorage` wrapper around the RDBStorage)."""
     return study._storage

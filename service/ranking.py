@@ -22,12 +22,16 @@ def best_trial(study: optuna.Study, spec: StudySpec) -> optuna.trial.FrozenTrial
 
 def leaderboard(study: optuna.Study, spec: StudySpec) -> pd.DataFrame:
     """All trials, best first: state, metric, per-task dev scores, params, epochs, duration."""
-    df = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "duration"))
+    trials = study.get_trials(deepcopy=False)
+    df = study.trials_dataframe(attrs=("number", "state", "params", "user_attrs", "duration"))
     if df.empty:
         return df
     df = df.rename(columns=lambda c: c.replace("user_attrs_", "").replace("params_", ""))
-    df = df.rename(columns={"value": spec.metric})
-    df["duration"] = df["duration"].dt.total_seconds().round(1)
+    # the metric column is the trial's value (its own column even while no trial has one): never the
+    # worker's per-epoch user attr of the same name, and never a column Optuna names after metric names
+    values = {t.number: t.value for t in trials}
+    df[spec.metric] = df["number"].map(values).astype(float)
+    df["duration"] = pd.to_timedelta(df["duration"]).dt.total_seconds().round(1)
     keep = ["number", "state", spec.metric, *TASK_METRICS, *sorted(spec.space),
             "epochs_done", "resumed_from_epoch", "device", "duration", "fail_reason"]
     df = df[[c for c in dict.fromkeys(keep) if c in df.columns]]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import socket
@@ -29,7 +30,8 @@ from optuna.trial import TrialState
 
 import storage as storage_lib
 from service import optuna_compat
-from studies import StudySpec, load_spec
+from studies import StudySpec, StudySpecError, load_spec
+from studies.spec import spec_differences
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 STUDY_UUID_ATTR = "study_uuid"
@@ -40,6 +42,26 @@ class StudyIdentityError(RuntimeError):
 
 
 OVERRIDE_FLAGS = ("n_trials", "epochs", "max_examples", "model", "data_dir")
+
+
+def bounded(kind: type, low: float, high: float | None = None):
+    """An argparse ``type``: a number of ``kind`` in [low, high], else argparse's one-line usage error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < low or (high is not None and value > high):
+            span = f"between {low:g} and {high:g}" if high is not None else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {'a whole number' if kind is int else 'a number'} "
+                                             f"{span}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" wording for other failures
+    return parse
+
+
+SEED = bounded(int, 0, 2**31 - 1)  # numpy's and Optuna's samplers take 0 .. 2**32 - 1; workers add their index
 
 
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +81,12 @@ def load_study_spec(name: str, args: argparse.Namespace) -> tuple[StudySpec, dic
 
 def open_study(spec: StudySpec, url: str | None, overrides: dict[str, Any], seed: int | None = None,
                role: str = "worker") -> optuna.Study:
-    """Create or load the study in storage; record the spec and this run's overrides on it."""
+    """Create or load the study in storage; record the spec and this run's overrides on it.
+
+    An existing study must have been created with the same values in everything that changes results
+    (studies.spec_differences: space, metric, direction, [train], sampler, pruner), else StudyMismatch
+    names the differing fields and nothing is written. The budget may change: a new one is recorded.
+    """
     rdb = storage_lib.open_storage(url)
     study = optuna.create_study(study_name=spec.name, storage=rdb, direction=spec.direction,
                                 sampler=spec.make_sampler(seed), pruner=spec.make_pruner(), load_if_exists=True)
@@ -69,10 +96,19 @@ def open_study(spec: StudySpec, url: str | None, overrides: dict[str, Any], seed
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([spec.metric])
+    else:
+        differences = spec_differences(attrs["spec"], spec, overrides)
+        if differences:
+            raise StudyMismatch(f"{spec.path}: differs from study {spec.name!r} in {storage_lib.redact(storage_lib.resolve_url(url))} "
+                                f"in what changes results: {'; '.join(differences)} (restore these values, or "
+                                f"copy the file under a new name for a new study)")
     study_uuid(study)  # recorded now, before anything of the study is written to disk
-    if overrides:
+    record = dict(overrides)
+    if spec.n_trials != recorded_budget(study.user_attrs):
+        record.setdefault("n_trials", spec.n_trials)  # a budget changed in the file is recorded like --n-trials
+    if record:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        study.set_user_attr(f"overrides {stamp} {role}@{socket.gethostname()}:{os.getpid()}", overrides)
+        study.set_user_attr(f"overrides {stamp} {role}@{socket.gethostname()}:{os.getpid()}", record)
     return study
 
 
@@ -132,6 +168,17 @@ def trial_dir(study: optuna.Study, root: int, checkpoint_root: str | Path | None
 def run_id(study: optuna.Study, root: int) -> str:
     """What the worker tells mtbert.train this run is: a checkpoint of another study or trial never matches."""
     return f"{study_uuid(study)}/trial-{int(root)}"
+
+
+class StudyMismatch(StudySpecError):
+    """The study file (with this command's overrides) differs from the spec recorded on the study."""
+
+
+def recorded_budget(attrs: dict[str, Any]) -> int | None:
+    """The budget recorded on a study (its user attrs): the latest n_trials given, else its spec's."""
+    given = [attrs[k]["n_trials"] for k in sorted(attrs)
+             if k.startswith("overrides ") and isinstance(attrs[k], dict) and "n_trials" in attrs[k]]
+    return given[-1] if given else (attrs.get("spec") or {}).get("n_trials")
 
 
 def trial_counts(study: optuna.Study) -> Counter:

@@ -8,27 +8,41 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
+import math
 import os
 import re
 import sqlite3
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import optuna
 import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from sqlalchemy.engine import URL, make_url
 
+from service.optuna_compat import RDB_DATABASE_METHODS
+
 __all__ = [
     "STORAGE_DIR",
     "DEFAULT_URL",
     "StorageUnavailable",
+    "StorageConfigError",
+    "StorageOutage",
+    "RetryingRDBStorage",
+    "is_connection_error",
+    "env_number",
+    "heartbeat_settings",
+    "outage_seconds",
     "resolve_url",
+    "normalize_url",
+    "secrets_of",
     "read_url_file",
     "add_storage_arguments",
     "worker_environment",
@@ -39,6 +53,8 @@ __all__ = [
     "checkpoint_dir",
     "install_secret_filter",
 ]
+
+logger = logging.getLogger("storage")
 
 STORAGE_DIR: Path = Path(__file__).resolve().parent
 DEFAULT_URL: str = f"sqlite:///{STORAGE_DIR / 'mtbert.db'}"
@@ -55,18 +71,36 @@ def resolve_url(url: str | None = None, url_file: str | os.PathLike | None = Non
     """``url``, else the URL in ``url_file``, else env ``MTBERT_STORAGE``, else the URL in the file
     named by env ``MTBERT_STORAGE_FILE``, else :data:`DEFAULT_URL`.
 
-    A bare file path ending in ``.db`` becomes an absolute ``sqlite:///`` URL. A storage file keeps a
+    A bare file path ending in ``.db`` becomes an absolute ``sqlite:///`` URL, and a relative SQLite path
+    is made absolute: against the current folder, or for a URL read from a storage file against that
+    file's folder (so every process that reads the file opens the same database). A storage file keeps a
     URL with a password out of every command line and environment (see :func:`read_url_file`).
     """
+    base = None
     if not url and url_file:
-        url = read_url_file(url_file)
-    url = url or os.environ.get("MTBERT_STORAGE")
+        url, base = read_url_file(url_file), Path(url_file).expanduser().resolve().parent
+    if not url and os.environ.get("MTBERT_STORAGE"):
+        url = os.environ["MTBERT_STORAGE"]
     if not url and os.environ.get("MTBERT_STORAGE_FILE"):
-        url = read_url_file(os.environ["MTBERT_STORAGE_FILE"])
-    url = url or DEFAULT_URL
+        path = os.environ["MTBERT_STORAGE_FILE"]
+        url, base = read_url_file(path), Path(path).expanduser().resolve().parent
+    url = (url or "").strip() or DEFAULT_URL  # a pasted URL's stray blank or newline
     if "://" not in url and url.endswith(".db"):
-        url = f"sqlite:///{Path(url).expanduser().resolve()}"
-    return url
+        url = f"sqlite:///{url}"
+    return _absolute_sqlite(url, base or Path.cwd())
+
+
+def _absolute_sqlite(url: str, base: Path) -> str:
+    """A SQLite URL with a relative path (``sqlite:///x.db``) made absolute against ``base``: a worker
+    started in another folder must open the same file."""
+    u = _parse(url)
+    if u is None or u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:" \
+            or u.database.startswith("file:"):
+        return url
+    path = Path(u.database).expanduser()
+    if path.is_absolute() and str(path) == u.database:
+        return url
+    return u.set(database=str((base / path).resolve())).render_as_string(hide_password=False)
 
 
 def read_url_file(path: str | os.PathLike) -> str:
@@ -106,20 +140,162 @@ def add_storage_arguments(parser) -> None:
 
 
 def worker_environment(url: str, url_file: str | os.PathLike | None = None) -> dict[str, str]:
-    """How a process this one starts gets the storage: the file's path when the URL came from a file
-    (``MTBERT_STORAGE_FILE``), else the URL itself (``MTBERT_STORAGE``), never its command line."""
-    url_file = url_file or (None if os.environ.get("MTBERT_STORAGE") else os.environ.get("MTBERT_STORAGE_FILE"))
+    """How a process this one starts gets the storage ``url`` (as resolve_url gave it), never on its
+    command line: the path of the storage file it came from (``--storage-file`` given as ``url_file``, or
+    ``MTBERT_STORAGE_FILE``) in ``MTBERT_STORAGE_FILE``, else the URL itself in ``MTBERT_STORAGE``.
+
+    """
+    if url_file is None and not os.environ.get("MTBERT_STORAGE") and os.environ.get("MTBERT_STORAGE_FILE"):
+        url_file = os.environ["MTBERT_STORAGE_FILE"]
     if url_file:
-        return {"MTBERT_STORAGE_FILE": str(Path(url_file).expanduser().resolve())}
+        try:  # only the file the URL came from (a --storage URL wins over MTBERT_STORAGE_FILE)
+            same = resolve_url(None, url_file) == url
+        except StorageUnavailable:
+            same = False
+        if same:
+            return {"MTBERT_STORAGE_FILE": str(Path(url_file).expanduser().resolve())}
     return {"MTBERT_STORAGE": url}
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$", re.S)
+_HOST = r"(?:\[[0-9A-Za-z:.%]*\]|[\w.%\-]*)(?::\d*)?"
+_HOSTS = re.compile(rf"^{_HOST}(?:,{_HOST})*$")  # libpq allows host1:5432,host2:5432
+_QUERY_KEY = re.compile(r"^[\w.\-%\[\]]+$")
+# query keys whose values are secrets (case-insensitive substrings): password, sslpassword, passwd, pwd,
+# secret, token, api_key...
+_SECRET_KEY = re.compile(r"pass|pwd|secret|token|api_?key|credential", re.I)
+
+
+class _Parts(tuple):
+    """A storage URL split as written: (scheme, userinfo or None, hosts+path, query or None)."""
+
+    scheme = property(lambda self: self[0])
+    userinfo = property(lambda self: self[1])
+    location = property(lambda self: self[2])
+    query = property(lambda self: self[3])
+
+
+def _split(url: str) -> _Parts | None:
+    """Split ``url`` as written, or None where it cannot be read safely.
+
+    Everything before the last ``@`` of the authority is userinfo, so an unencoded ``@`` (or ``/``,
+    ``?``, ``#``, ``:``) inside a password stays in the password. A URL without an authority
+    (``sqlite:///path``) has no userinfo. What follows the userinfo must be host[:port] (a list, for
+    libpq) with an optional path, and a query of ``key=value`` pairs. Readings, first valid wins: the
+    userinfo ends at the last ``@`` before the first ``?``; no userinfo (any ``@`` is in the query);
+    the userinfo ends at the last ``@`` (a password holding ``?``).
+    """
+    m = _SCHEME.match(url)
+    if m is None:
+        return None
+    scheme, rest = m.groups()
+    if not rest or rest.startswith("/"):  # no authority: sqlite:///path, sqlite://
+        location, q, query = rest.partition("?")
+        return _Parts((scheme, None, location, query if q else None)) if not q or _valid_query(query) else None
+    head = rest.partition("?")[0]
+    readings = []
+    if "@" in head:
+        userinfo, _, tail = head.rpartition("@")
+        readings.append((userinfo, tail + rest[len(head):]))
+    else:
+        readings.append((None, rest))
+    if "@" in rest:
+        userinfo, _, tail = rest.rpartition("@")
+        readings.append((userinfo, tail))
+    for userinfo, tail in readings:
+        location, q, query = tail.partition("?")
+        if _HOSTS.match(location.split("/", 1)[0]) and (not q or _valid_query(query)):
+            return _Parts((scheme, userinfo, location, query if q else None))
+    return None
+
+
+def _valid_query(query: str) -> bool:
+    for pair in query.split("&"):
+        key, eq, _ = pair.partition("=")
+        if not (eq and _QUERY_KEY.match(key)):
+            return False
+    return True
+
+
+def _is_secret_key(key: str) -> bool:
+    return bool(_SECRET_KEY.search(unquote(key)))
+
+
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``; never raises."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return re.sub(r"(://[^:/?#@]*:).*@", r"\1***@", str(url))
+    """``url`` with every secret replaced by ``***``; never raises.
+
+    Hidden: the userinfo password (``user:***@``; everything before the last ``@`` of the authority is
+    userinfo) and the values of secret query keys (``password``, ``sslpassword``, ``passwd``, ``pwd``,
+    ``secret``, ``token``..., any case). A URL that cannot be read safely is shown as ``scheme://***``
+    (``***`` without a scheme).
+    """
+    url = str(url)
+    parts = _split(url)
+    if parts is None:
+        m = _SCHEME.match(url)
+        return f"{m.group(1)}://***" if m else ("" if not url else "***")
+    out = f"{parts.scheme}://"
+    if parts.userinfo is not None:
+        user, colon, _ = parts.userinfo.partition(":")
+        out += f"{user}{':***' if colon else ''}@"
+    out += parts.location
+    if parts.query is not None:
+        pairs = []
+        for pair in parts.query.split("&"):
+            key, _, value = pair.partition("=")
+            pairs.append(f"{key}=***" if _is_secret_key(key) and value else pair)
+        out += "?" + "&".join(pairs)
+    return out
+
+
+def secrets_of(url: str) -> list[str]:
+    """Every secret in ``url`` in the forms it may appear in (as written, decoded, percent-encoded),
+    longest first: the userinfo password and the values of secret query keys. An unreadable URL's
+    whole text after the scheme counts as secret."""
+    url = str(url)
+    found: set[str] = set()
+    parts = _split(url)
+    if parts is None:
+        m = _SCHEME.match(url)
+        found.add(m.group(2) if m else url)
+    else:
+        if parts.userinfo is not None and ":" in parts.userinfo:
+            found.add(parts.userinfo.partition(":")[2])
+        for pair in (parts.query or "").split("&"):
+            key, _, value = pair.partition("=")
+            if _is_secret_key(key):
+                found.add(value)
+    parsed = _parse(normalize_url(url))  # what the driver will be given
+    if parsed is not None:
+        found.add(parsed.password or "")
+        found.update(str(v) for k, v in parsed.query.items() if _is_secret_key(k) and isinstance(v, str))
+    variants = {v for s in found if s for v in (s, unquote(s), quote(unquote(s), safe=""))}
+    return sorted((v for v in variants if v), key=len, reverse=True)
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """``text`` with every secret replaced by ``***``. A short secret (under 8 characters) only where it
+    stands alone, not inside a longer word: a password "p" must not turn "port" into "***ort"."""
+    for secret in secrets:
+        if len(secret) >= 8:
+            text = text.replace(secret, "***")
+        else:
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", "***", text)
+    return text
+
+
+def normalize_url(url: str) -> str:
+    """``url`` as the user meant it: a password with an unencoded ``@``, ``/``, ``?``, ``#`` or ``:`` is
+    percent-encoded (SQLAlchemy would otherwise split it at the first ``@``); anything else unchanged."""
+    parts = _split(str(url))
+    if parts is None or parts.userinfo is None or ":" not in parts.userinfo:
+        return url
+    user, _, password = parts.userinfo.partition(":")
+    if not re.search(r"[@/?#:]", password):
+        return url
+    encoded = quote(unquote(password), safe="")
+    query = "" if parts.query is None else "?" + parts.query
+    return f"{parts.scheme}://{user}:{encoded}@{parts.location}{query}"
 
 
 def _parse(url: str) -> URL | None:
@@ -139,15 +315,52 @@ def _sqlite_file(url: str) -> Path | None:
     return Path(u.database).expanduser().resolve()
 
 
+# --------------------------------------------------------------------------- settings
+
+
+class StorageConfigError(StorageUnavailable):
+    """A storage setting in the environment is malformed; the message names the variable."""
+
+
+def env_number(name: str, default: float, minimum: float, integer: bool = True) -> float:
+    """The number in env ``name`` (``default`` when unset or empty); :class:`StorageConfigError` when it
+    is not a finite number >= ``minimum`` (a whole number with ``integer``)."""
+    text = (os.environ.get(name) or "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < minimum:
+        kind = "a whole number" if integer else "a number"
+        raise StorageConfigError(f"{name}={text!r}: must be {kind} >= {minimum:g}")
+    return value
+
+
+def heartbeat_settings() -> tuple[int, int, int]:
+    """(interval, grace, max_retry) from ``MTBERT_HEARTBEAT_INTERVAL`` (30 s), ``MTBERT_HEARTBEAT_GRACE``
+    (120 s, more than the interval) and ``MTBERT_MAX_RETRY`` (3); StorageConfigError when malformed."""
+    interval = env_number("MTBERT_HEARTBEAT_INTERVAL", 30, 1)
+    grace = env_number("MTBERT_HEARTBEAT_GRACE", 120, 1)
+    if grace <= interval:
+        raise StorageConfigError(f"MTBERT_HEARTBEAT_GRACE={grace} must be more than MTBERT_HEARTBEAT_INTERVAL="
+                                 f"{interval}: a live worker's trial would be taken for dead")
+    return interval, grace, env_number("MTBERT_MAX_RETRY", 3, 0)
+
+
+def outage_seconds() -> float:
+    """How long a process waits for an unreachable storage before giving up (``MTBERT_STORAGE_OUTAGE_SECONDS``,
+    default 120 s; 0: give up at once)."""
+    return env_number("MTBERT_STORAGE_OUTAGE_SECONDS", 120, 0, integer=False)
+
+
 # --------------------------------------------------------------------------- engines
 
 
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name) or default)
-
-
-def _reason(exc: BaseException, password: str | None) -> str:
-    """A one-line, password-free reason for a failed connection."""
+def _reason(exc: BaseException, secrets: list[str]) -> str:
+    """A one-line, secret-free reason for a failed connection (the driver's words, not Optuna's wrapper's)."""
+    exc = next((e for e in _exception_chain(exc) if isinstance(e, sqlalchemy.exc.DBAPIError)), exc)
     text = str(getattr(exc, "orig", None) or exc).strip()
     low = text.lower()
     if "connection refused" in low:
@@ -156,15 +369,17 @@ def _reason(exc: BaseException, password: str | None) -> str:
         text = "password authentication failed"
     elif "timeout expired" in low or "timed out" in low:
         text = "connection timed out"
+    elif "terminating connection" in low or "server closed the connection" in low:
+        text = "the server closed the connection (shut down or restarted)"
+    elif "the database system is" in low:  # starting up / shutting down / in recovery mode
+        text = text.splitlines()[0]
     elif isinstance(exc, ImportError):
         text = f"missing database driver ({exc.__cause__ or exc})"
     elif "can't load plugin" in low:
         text = "unsupported URL scheme"
     else:
         text = text.splitlines()[0] if text else type(exc).__name__
-    for secret in _variants(password):
-        text = text.replace(secret, "***")
-    return text[:300]
+    return scrub(text, secrets)[:300]
 
 
 def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: object) -> None:
@@ -194,16 +409,154 @@ def _init_lock(url: str, db_file: Path | None) -> Iterator[None]:
         yield
 
 
-def open_storage(url: str | None = None, *, heartbeat: bool = True) -> RDBStorage:
+class StorageOutage(StorageUnavailable):
+    """The storage stayed unreachable longer than ``MTBERT_STORAGE_OUTAGE_SECONDS``; the message is one line."""
+
+
+def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True for the errors of a storage that is down, restarting or overloaded (worth retrying later):
+    a lost or refused connection, a server shutting down, a pool timeout; on SQLite a locked, busy or
+    unreachable database file. Never for errors of the request itself (no such table, bad data)."""
+    for e in _exception_chain(exc):
+        if isinstance(e, StorageOutage):
+            return False
+        if isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated:
+            return True
+        if isinstance(e, (sqlalchemy.exc.DisconnectionError, sqlalchemy.exc.TimeoutError)):
+            return True
+        if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            if isinstance(e.orig, sqlite3.Error):
+                text = str(e.orig).lower()
+                return any(s in text for s in ("locked", "busy", "unable to open", "disk i/o"))
+            return True  # psycopg2: connection refused/lost, admin shutdown, too many connections, deadlock
+    return False
+
+
+class _Outage:
+    """Shared by the threads of one storage: when the current outage began (monotonic), or None."""
+
+    def __init__(self, shown: str, secrets: list[str], limit: float) -> None:
+        self.shown, self.secrets, self.limit = shown, secrets, limit
+        self.since: float | None = None
+        self.lock = threading.Lock()
+
+    def failed(self, exc: BaseException) -> float:
+        """Note a failure; return the seconds left before giving up (raise StorageOutage when none)."""
+        now = time.monotonic()
+        with self.lock:
+            if self.since is None:
+                self.since = now
+                logger.warning("storage %s unreachable (%s); retrying for up to %g s (MTBERT_STORAGE_OUTAGE_SECONDS)",
+                               self.shown, _reason(exc, self.secrets), self.limit)
+            left = self.since + self.limit - now
+        if left <= 0:
+            raise StorageOutage(f"storage {self.shown} unreachable for {now - self.since:.0f} s "
+                                f"({_reason(exc, self.secrets)}); giving up (MTBERT_STORAGE_OUTAGE_SECONDS="
+                                f"{self.limit:g})") from None
+        return left
+
+    def __getstate__(self) -> dict:  # a pickled storage (another process) starts without an outage
+        return {k: v for k, v in self.__dict__.items() if k not in ("lock", "since")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, since=None, lock=threading.Lock())
+
+    def ok(self) -> None:
+        if self.since is not None:
+            with self.lock:
+                if self.since is not None:
+                    logger.warning("storage %s reachable again after %.0f s", self.shown, time.monotonic() - self.since)
+                    self.since = None
+
+
+def _retrying(name: str, method):
+    """`method` of RetryingRDBStorage: retried with exponential backoff while the storage is unreachable."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        delay, attempt = 0.5, 0
+        while True:
+            attempt += 1
+            try:
+                result = method(self, *args, **kwargs)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # a retried write that had been committed before its connection broke
+                if attempt > 1 and name == "set_trial_state_values" and self._already_set(*args, **kwargs):
+                    self._outage.ok()
+                    return True
+                raise
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                left = self._outage.failed(exc)
+                time.sleep(min(delay, left))
+                delay = min(2 * delay, 8.0)
+                continue
+            self._outage.ok()
+            return result
+
+    return call
+
+
+class RetryingRDBStorage(RDBStorage):
+    """Optuna's RDBStorage that rides out a storage outage: every database call is retried with
+    exponential backoff (0.5 s doubling to 8 s) while the error is a connection error (see
+    :func:`is_connection_error`), for up to ``MTBERT_STORAGE_OUTAGE_SECONDS`` from the outage's first
+    failure; then :class:`StorageOutage`, one line. A heartbeat is never retried for long: the heartbeat
+    thread tries again every second for one heartbeat interval, then skips that beat, so it never dies
+    and it resumes within a second once the storage is back.
+    """
+
+    _outage: _Outage
+
+    def _already_set(self, trial_id: int, state, values=None) -> bool:
+        frozen = self.get_trial(trial_id)
+        return frozen.state == state and (values is None or list(frozen.values or []) == list(values))
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        deadline = time.monotonic() + (self.heartbeat_interval or 1)
+        while True:
+            try:
+                RDBStorage.record_heartbeat(self, trial_id)
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    logger.debug("heartbeat of trial id %d skipped: storage unreachable", trial_id)
+                    return
+                time.sleep(1.0)
+                continue
+            self._outage.ok()
+            return
+
+
+for _name in RDB_DATABASE_METHODS:
+    if _name != "record_heartbeat" and callable(getattr(RDBStorage, _name, None)):
+        setattr(RetryingRDBStorage, _name, _retrying(_name, getattr(RDBStorage, _name)))
+
+
+def open_storage(url: str | None = None, *, heartbeat: bool = True, create: bool = True) -> RDBStorage:
     """Open (creating tables if needed) the Optuna RDB storage at ``resolve_url(url)``.
 
     SQLite gets WAL mode and a 60 s busy timeout; PostgreSQL gets a small,
     pre-pinged, recycled pool. With ``heartbeat``, stale trials (worker died)
     are failed after ``MTBERT_HEARTBEAT_GRACE`` s and retried up to
-    ``MTBERT_MAX_RETRY`` times. Raises :class:`StorageUnavailable`.
+    ``MTBERT_MAX_RETRY`` times. Once open, the storage rides out outages of up to
+    ``MTBERT_STORAGE_OUTAGE_SECONDS`` (:class:`RetryingRDBStorage`). Without ``create``
+    (commands that only read), a missing SQLite file is "no storage at PATH" and
+    nothing is created. Raises :class:`StorageUnavailable`.
     """
-    url = resolve_url(url)
+    url = normalize_url(resolve_url(url))
     shown = redact(url)
+    secrets = secrets_of(url)
     parsed = _parse(url)
     backend = parsed.get_backend_name() if parsed else None
     if parsed is None:
@@ -211,7 +564,10 @@ def open_storage(url: str | None = None, *, heartbeat: bool = True) -> RDBStorag
     if parsed.drivername == "postgresql":  # SQLAlchemy 2.1 defaults to psycopg 3; we ship psycopg2
         url = parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
     db_file = _sqlite_file(url)
-    kwargs: dict = {}
+    if not create and db_file is not None and not db_file.is_file():
+        raise StorageUnavailable(f"no storage at {db_file}")
+    limit = outage_seconds()
+    kwargs: dict = {"skip_table_creation": not create}
     if backend == "sqlite":
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     elif backend == "postgresql":
@@ -222,25 +578,25 @@ def open_storage(url: str | None = None, *, heartbeat: bool = True) -> RDBStorag
             "pool_recycle": 1800,
             "connect_args": {"connect_timeout": 10},
         }
+    settings = heartbeat_settings() if heartbeat else None
 
     failure = None
-    try:
-        with _init_lock(url, db_file), warnings.catch_warnings():
+    try:  # a command that only reads takes no setup lock and never switches a foreign file to WAL
+        with _init_lock(url, db_file) if create else contextlib.nullcontext(), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if heartbeat:
-                kwargs.update(
-                    heartbeat_interval=_env_int("MTBERT_HEARTBEAT_INTERVAL", 30),
-                    grace_period=_env_int("MTBERT_HEARTBEAT_GRACE", 120),
-                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                        max_retry=_env_int("MTBERT_MAX_RETRY", 3),
-                        inherit_intermediate_values=True,
-                    ),
-                )
-            storage = RDBStorage(url, **kwargs)
-    except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, ImportError, OSError) as exc:
-        failure = _reason(exc, parsed.password)
+            if settings is not None:
+                interval, grace, max_retry = settings
+                kwargs.update(heartbeat_interval=interval, grace_period=grace,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                                  max_retry=max_retry, inherit_intermediate_values=True))
+            storage = RetryingRDBStorage(url, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - whatever the driver raises, the user gets one line
+        failure = _reason(exc, secrets)
+        if not create and ("no such table" in failure or "version_info" in failure):
+            failure = "no Optuna tables in it (not a study storage)"
     if failure is not None:  # raised outside `except`: no chained exception carries the URL
         raise StorageUnavailable(f"cannot reach storage {shown}: {failure}") from None
+    storage._outage = _Outage(shown, secrets, limit)
 
     if backend == "sqlite":
         sqlalchemy.event.listen(storage.engine, "connect", _sqlite_pragmas)
@@ -280,26 +636,50 @@ def _flock(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _pg_advisory_lock(engine: sqlalchemy.Engine, key: int) -> Iterator[None]:
-    conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+def _pg_advisory_lock(engine: sqlalchemy.Engine, key: int, outage: _Outage | None = None) -> Iterator[None]:
+    """A session advisory lock on a connection of its own. With ``outage``, taking it rides out a storage
+    outage like any storage call; a lock whose connection died meanwhile is gone with its session, so
+    failing to release it then is no error."""
+    while True:
+        try:
+            conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            try:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            except BaseException:
+                conn.invalidate()
+                conn.close()
+                raise
+            break
+        except Exception as exc:
+            if outage is None or not is_connection_error(exc):
+                raise
+            time.sleep(min(2.0, outage.failed(exc)))
+    if outage is not None:
+        outage.ok()
     released = False
     try:
-        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        yield
+    finally:
         try:
-            yield
-        finally:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
             released = True
-    finally:
-        if not released:
-            conn.invalidate()  # never pool a connection that may still hold the lock
-        conn.close()
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            logger.debug("advisory lock %d lost with its connection: %s", key, type(exc).__name__)
+        finally:
+            if not released:
+                try:  # never pool a connection that may still hold the lock
+                    conn.invalidate()
+                except Exception:  # noqa: BLE001 - the connection is already gone
+                    pass
+            conn.close()
 
 
 def _os_lock(storage: RDBStorage, study_name: str) -> contextlib.AbstractContextManager:
     backend = storage.engine.url.get_backend_name()
     if backend == "postgresql":
-        return _pg_advisory_lock(storage.engine, _lock_key(study_name))
+        return _pg_advisory_lock(storage.engine, _lock_key(study_name), getattr(storage, "_outage", None))
     if backend == "sqlite":
         db_file = _sqlite_file(storage.url)
         if db_file is None:  # in-memory: only this process can see it
@@ -333,28 +713,28 @@ def trial_slot_lock(storage: RDBStorage, study_name: str) -> Iterator[None]:
 # --------------------------------------------------------------------------- files
 
 
+def _folder(variable: str, default: Path) -> Path:
+    """The folder in env ``variable`` (else ``default``), created; StorageConfigError when it cannot be."""
+    path = Path(os.environ.get(variable) or default).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageConfigError(f"{variable}={str(path)!r}: cannot create the folder ({exc.strerror or exc})") \
+            from None
+    return path
+
+
 def artifact_store() -> optuna.artifacts.FileSystemArtifactStore:
     """Artifact store under ``MTBERT_ARTIFACT_DIR`` or ``storage/artifacts`` (created)."""
-    root = Path(os.environ.get("MTBERT_ARTIFACT_DIR") or STORAGE_DIR / "artifacts")
-    root.mkdir(parents=True, exist_ok=True)
-    return optuna.artifacts.FileSystemArtifactStore(str(root))
+    return optuna.artifacts.FileSystemArtifactStore(str(_folder("MTBERT_ARTIFACT_DIR", STORAGE_DIR / "artifacts")))
 
 
 def checkpoint_dir() -> Path:
     """``MTBERT_CHECKPOINT_DIR`` or ``storage/checkpoints`` (created)."""
-    path = Path(os.environ.get("MTBERT_CHECKPOINT_DIR") or STORAGE_DIR / "checkpoints")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _folder("MTBERT_CHECKPOINT_DIR", STORAGE_DIR / "checkpoints")
 
 
 # --------------------------------------------------------------------------- logging
-
-
-def _variants(password: str | None) -> list[str]:
-    """The password as written and as it appears percent-encoded in a URL."""
-    if not password:
-        return []
-    return sorted({password, quote(password, safe="")}, key=len, reverse=True)
 
 
 class _SecretFilter(logging.Filter):
@@ -365,9 +745,7 @@ class _SecretFilter(logging.Filter):
         self.secrets: list[str] = []
 
     def _scrub(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+        return scrub(text, self.secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.secrets or getattr(record, "_mtbert_scrubbed", False):
@@ -394,14 +772,14 @@ _base_factory = None
 
 
 def install_secret_filter(url: str) -> None:
-    """Scrub ``url``'s password from every log record, in any logger or handler. Idempotent.
+    """Scrub ``url``'s secrets (see :func:`secrets_of`: the password, also as a query parameter) from
+    every log record, in any logger or handler. Idempotent.
 
     Records are scrubbed when created (covers all loggers and handlers added later);
     the filter is also attached to the root logger and its current handlers.
     """
     global _base_factory
-    parsed = _parse(url)
-    for secret in _variants(parsed.password if parsed else None):
+    for secret in secrets_of(url):
         if secret not in _secret_filter.secrets:
             _secret_filter.secrets.append(secret)
     _secret_filter.secrets.sort(key=len, reverse=True)

@@ -8,9 +8,11 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import itertools
+import json
 import math
 import re
 import tomllib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -240,6 +242,8 @@ class _Loader:
             self.fail(field, f"{key!r} is not a TrainConfig field")
         if not _accepts(value, self.types[key]):
             self.fail(field, f"expected {' or '.join(t.__name__ for t in self.types[key])}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            self.fail(field, f"must be a finite number, got {value!r}")
 
     def check_config(self, field: str, values: dict[str, Any]) -> None:
         """TrainConfig's own checks (ranges, enums) on these values over the defaults."""
@@ -284,7 +288,11 @@ class _Loader:
         if not isinstance(raw.get("reference_source", ""), str):
             self.fail("reference_source", "must be a string")
         reference = self.reference(raw.get("reference", {}), space, grid is not None)
-        spec = StudySpec(name or self.path.stem, self.path, raw.get("description", ""),
+        name = name or self.path.stem
+        if not re.fullmatch(r"\w[\w.-]{0,99}", name):
+            self.fail("name", f"{name!r}: a study's name (its file's name) must be letters, digits, '_', '-' or "
+                              f"'.', not starting with '.' or '-': it names the study's folders and logs")
+        spec = StudySpec(name, self.path, raw.get("description", ""),
                          self.choice("direction", raw.get("direction"), DIRECTIONS),
                          self.choice("metric", raw.get("metric"), METRICS), n_trials,
                          self.integer("keep_best", raw.get("keep_best", 1), 0), train, space, sampler, pruner,
@@ -294,7 +302,46 @@ class _Loader:
                 build()
             except (TypeError, ValueError) as exc:
                 self.fail(section, str(exc))
+        if pruner["type"] == "hyperband":
+            low, high = pruner.get("min_resource", 1), pruner.get("max_resource", spec.epochs)
+            if "auto" not in (low, high) and low > high:
+                self.fail("pruner.min_resource", f"{low} exceeds max_resource ({high}"
+                          f"{'' if 'max_resource' in pruner else ', the epochs'}): Hyperband would never prune")
+        self.rehearse(spec)
         return spec
+
+    def rehearse(self, spec: StudySpec, trials: int = 3) -> None:
+        """Run the study's sampler and pruner as workers will, on a throwaway in-memory study: a few trials
+        sampled from the space, their values checked by TrainConfig, a score reported after every epoch
+        with a pruning decision. A setting Optuna accepts but cannot use (Hyperband's reduction_factor = 1,
+        a max_resource below min_resource, a space the sampler cannot draw from) fails here, with the
+        file, instead of in every trial."""
+        from mtbert.config import TrainConfig
+
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        section = "sampler"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                study = optuna.create_study(direction=spec.direction, sampler=spec.make_sampler(seed=0),
+                                            pruner=spec.make_pruner())
+                for i in range(min(trials, spec.grid_size or trials)):
+                    section = "sampler"
+                    trial = study.ask()
+                    values = spec.suggest(trial)
+                    section = "space"
+                    TrainConfig().replace(**values).validate()
+                    section = "pruner"
+                    for epoch in range(1, spec.epochs + 1):
+                        trial.report(0.5 + 0.01 * ((i * 7 + epoch) % 5), epoch)
+                        if trial.should_prune():
+                            break
+                    study.tell(trial, 0.5 + 0.01 * i)
+        except Exception as exc:  # noqa: BLE001 - whatever Optuna raises, the file is the cause
+            self.fail(section, f"cannot be used ({type(exc).__name__}: {exc})")
+        finally:
+            optuna.logging.set_verbosity(verbosity)
 
     def param(self, name: str, raw: dict[str, Any], train: dict[str, Any]) -> ParamSpec:
         where = f"space.{name}"
@@ -329,6 +376,8 @@ class _Loader:
         for key in ("low", "high", "step"):
             if key in raw and not _accepts(raw[key], (number,)):
                 self.fail(f"{where}.{key}", f"must be {'an integer' if kind == 'int' else 'a number'}, got {raw[key]!r}")
+            if key in raw and not math.isfinite(raw[key]):
+                self.fail(f"{where}.{key}", f"must be a finite number, got {raw[key]!r}")
             if key != "step" and key not in raw:
                 self.fail(f"{where}.{key}", "missing")
         low, high, step, log = raw["low"], raw["high"], raw.get("step"), raw.get("log", False)
@@ -400,7 +449,71 @@ class _Loader:
             types = (_types_in(params[key].annotation) if key != "type" else (str,)) or (bool, int, float, str)
             if not _accepts(value, types):
                 self.fail(f"{section}.{key}", f"expected {' or '.join(t.__name__ for t in types)}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                self.fail(f"{section}.{key}", f"must be a finite number, got {value!r}")
+        for key in ("reduction_factor",) if raw["type"] in ("hyperband", "successive_halving") else ():
+            if key in raw and (not _accepts(raw[key], (int,)) or raw[key] < 2):
+                self.fail(f"{section}.{key}", f"must be an integer >= 2 (each rung keeps 1/{key}), got {raw[key]!r}")
+        for key in ("min_resource", "max_resource") if raw["type"] in ("hyperband", "successive_halving") else ():
+            if key in raw and raw[key] != "auto" and (not _accepts(raw[key], (int,)) or raw[key] < 1):
+                self.fail(f"{section}.{key}", f"must be an integer >= 1 or \"auto\", got {raw[key]!r}")
         return raw
+
+
+# TrainConfig fields that decide how a run goes, not what it computes: a worker on another machine may
+# differ in them from the study's recorded spec.
+RUNTIME_FIELDS = ("device", "eval_batch_size", "log_every", "compile")
+# override flag of each overridable spec field, to say where a differing value came from
+_OVERRIDE_FLAGS = {"train.epochs": "--epochs", "train.max_examples": "--max-examples", "train.model": "--model",
+                   "train.data_dir": "--data-dir", "n_trials": "--n-trials"}
+
+
+def _result_fields(spec: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a recorded spec (StudySpec.to_dict()) that change results, flattened to dotted keys:
+    direction, metric, [train] without RUNTIME_FIELDS, every [space] param's keys, [sampler] without its
+    seed (each worker samples with its own), [pruner]."""
+    out: dict[str, Any] = {"direction": spec.get("direction"), "metric": spec.get("metric")}
+    for key, value in (spec.get("train") or {}).items():
+        if key not in RUNTIME_FIELDS:
+            out[f"train.{key}"] = value
+    for name, param in (spec.get("space") or {}).items():
+        for key, value in (param if isinstance(param, dict) else {"": param}).items():
+            out[f"space.{name}.{key}".rstrip(".")] = value
+    for section, skip in (("sampler", ("seed",)), ("pruner", ())):
+        for key, value in (spec.get(section) or {}).items():
+            if key not in skip:
+                out[f"{section}.{key}"] = value
+    return out
+
+
+def _normal(value: Any) -> Any:
+    """Compare as JSON does (tuples are lists; 3 == 3.0)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def spec_differences(recorded: dict[str, Any], spec: StudySpec, overrides: dict[str, Any] | None = None) -> list[str]:
+    """Where ``spec`` (a study file plus this command's ``overrides``) differs from the spec ``recorded`` on
+    the study (its user attr "spec") in anything that changes results, one "field: recorded X, file Y"
+    per field (``--epochs Y`` where an override gave the value), in a stable order. The budget
+    (n_trials), keep_best, the description and the [reference] may differ."""
+    old, new = _result_fields(recorded), _result_fields(spec.to_dict())
+    given = {_OVERRIDE_FLAGS[f"train.{k}" if k != "n_trials" else k] for k in (overrides or {})}
+    lines = []
+    for key in sorted(old.keys() | new.keys()):
+        before, after = old.get(key, _UNSET), new.get(key, _UNSET)
+        if before is not _UNSET and after is not _UNSET and _normal(before) == _normal(after):
+            continue
+        flag = _OVERRIDE_FLAGS.get(key)
+        source = flag if flag in given else "file"
+        lines.append(f"{key}: recorded {_show(before)}, {source} {_show(after)}")
+    return lines
+
+
+_UNSET = object()
+
+
+def _show(value: Any) -> str:
+    return "(not set)" if value is _UNSET else json.dumps(_normal(value))
 
 
 def list_studies() -> list[str]:

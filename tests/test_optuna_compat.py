@@ -35,3 +35,23 @@ def test_the_adapter_reaches_every_private_api_it_wraps(study):
     assert retry.params == frozen.params and retry.intermediate_values == {1: 0.25}
     again = study.ask()
     assert optuna_compat.retry_history(study, again) == [frozen.number]
+
+
+def test_the_retried_storage_methods_are_every_database_call_optuna_makes():
+    """storage.RetryingRDBStorage retries RDB_DATABASE_METHODS through an outage: each must exist, and every
+    call Optuna's study wrapper (_CachedStorage) and heartbeat code make on an RDBStorage must be one of them."""
+    import inspect
+    import re
+
+    from optuna.storages import RDBStorage, _cached_storage, _heartbeat
+
+    for name in optuna_compat.RDB_DATABASE_METHODS:
+        assert callable(getattr(RDBStorage, name, None)), name
+    no_database = {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "remove_session"}
+    called = set(re.findall(r"self\._backend\.(\w+)\(", inspect.getsource(_cached_storage)))
+    called |= set(re.findall(r"storage\.(_\w+)\(", inspect.getsource(_heartbeat)))
+    assert called, "Optuna's code moved: read _cached_storage.py and _heartbeat.py again"
+    assert called - no_database <= set(optuna_compat.RDB_DATABASE_METHODS), called - no_database
+    for name in optuna_compat.RDB_DATABASE_METHODS:
+        if name != "record_heartbeat":
+            assert getattr(storage_lib.RetryingRDBStorage, name) is not getattr(RDBStorage, name), name

@@ -273,6 +273,7 @@ def test_missing_data_is_one_clear_error_and_no_failed_trial(tmp_path, tiny_mode
 def test_dashboard_on_a_taken_port_is_one_clear_error(tmp_path):
     import socket
 
+    storage_lib.open_storage(f"sqlite:///{tmp_path / 'd.db'}", heartbeat=False)  # the dashboard creates none
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

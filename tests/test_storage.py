@@ -33,9 +33,12 @@ def test_resolve_url_precedence(monkeypatch, tmp_path):
     assert storage.DEFAULT_URL == f"sqlite:///{storage.STORAGE_DIR / 'mtbert.db'}"
     monkeypatch.setenv("MTBERT_STORAGE", "postgresql://u:p@h/db")
     assert resolve_url() == "postgresql://u:p@h/db"
-    assert resolve_url("sqlite:///x.db") == "sqlite:///x.db"
     monkeypatch.chdir(tmp_path)
     assert resolve_url("sub/a.db") == f"sqlite:///{tmp_path / 'sub' / 'a.db'}"
+    # a relative SQLite URL is made absolute: workers started elsewhere must open the same file
+    assert resolve_url("sqlite:///x.db") == f"sqlite:///{tmp_path / 'x.db'}"
+    assert resolve_url("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
+    assert resolve_url("sqlite://") == "sqlite://"
 
 
 @pytest.mark.parametrize(
@@ -274,3 +277,67 @@ def test_search_with_a_storage_file_keeps_the_url_out_of_argv_and_env(tmp_path, 
     ((cmd, env),) = launched
     assert "secret-x" not in " ".join(cmd) and all("secret-x" not in v for v in env.values())
     assert env["MTBERT_STORAGE_FILE"] == str(path.resolve())
+
+
+# ----------------------------------------------------------------------------- outages (issue 8)
+
+
+def test_connection_errors_are_told_from_request_errors():
+    import sqlite3
+
+    import psycopg2
+    import sqlalchemy
+
+    def wrapped(orig, cls=sqlalchemy.exc.OperationalError):
+        try:
+            try:
+                raise cls("SELECT 1", {}, orig)
+            except sqlalchemy.exc.SQLAlchemyError as exc:
+                raise optuna.exceptions.StorageInternalError("commit failed") from exc
+        except optuna.exceptions.StorageInternalError as outer:
+            return outer
+
+    assert storage.is_connection_error(wrapped(psycopg2.OperationalError("connection refused")))
+    assert storage.is_connection_error(wrapped(sqlite3.OperationalError("database is locked")))
+    assert storage.is_connection_error(wrapped(sqlite3.OperationalError("disk I/O error")))
+    assert not storage.is_connection_error(wrapped(sqlite3.OperationalError("no such table: trials")))
+    assert not storage.is_connection_error(wrapped(psycopg2.IntegrityError("dup"), sqlalchemy.exc.IntegrityError))
+    assert not storage.is_connection_error(ValueError("x"))
+    assert not storage.is_connection_error(storage.StorageOutage("gave up"))
+
+
+def _failing(st, times: list[int]):
+    """Make the next `times[0]` statements of `st` fail as a vanished database would."""
+    import sqlite3
+
+    import sqlalchemy
+
+    def fail(conn, cursor, statement, parameters, context, executemany):
+        if times[0] > 0:
+            times[0] -= 1
+            raise sqlalchemy.exc.OperationalError(statement, parameters, sqlite3.OperationalError("disk I/O error"))
+
+    sqlalchemy.event.listen(st.engine, "before_cursor_execute", fail)
+
+
+def test_a_storage_call_rides_out_an_outage_and_gives_up_past_the_limit(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MTBERT_STORAGE_OUTAGE_SECONDS", "30")
+    st = open_storage(str(tmp_path / "o.db"), heartbeat=False)
+    study = optuna.create_study(study_name="o", storage=st, direction="maximize")
+    times = [3]
+    _failing(st, times)
+    with caplog.at_level(logging.WARNING, logger="storage"):
+        trial = study.ask()  # three failures, then it goes through
+        study.tell(trial, 0.5)
+    assert times == [0] and study.trials[0].value == 0.5
+    assert "unreachable (disk I/O error); retrying for up to 30 s" in caplog.text
+    assert "reachable again after" in caplog.text
+    monkeypatch.setenv("MTBERT_STORAGE_OUTAGE_SECONDS", "1")
+    st = open_storage(str(tmp_path / "o.db"), heartbeat=False)
+    _failing(st, [10**6])
+    started = time.monotonic()
+    with pytest.raises(storage.StorageOutage) as info:
+        optuna.load_study(study_name="o", storage=st).trials
+    assert time.monotonic() - started < 10
+    assert str(info.value).startswith(f"storage sqlite:///{tmp_path / 'o.db'} unreachable for ")
+    assert "MTBERT_STORAGE_OUTAGE_SECONDS=1" in str(info.value) and "\n" not in str(info.value)

@@ -450,7 +450,17 @@ INVALID = [
     ("pruner", {"type": "none", "n_startup_trials": 1}, "pruner.n_startup_trials", "unknown option for NopPruner"),
     ("pruner", {"type": "percentile"}, "pruner", "percentile"),
     ("pruner", {"type": "percentile", "percentile": 150.0}, "pruner", "percentile"),
-    ("pruner", {"type": "successive_halving", "reduction_factor": 1}, "pruner", "reduction_factor"),
+    ("pruner", {"type": "successive_halving", "reduction_factor": 1}, "pruner.reduction_factor", "integer >= 2"),
+    # accepted by Optuna's constructors, failing every trial later (issue 8): refused with the file
+    ("pruner", {"type": "hyperband", "reduction_factor": 1}, "pruner.reduction_factor", "integer >= 2"),
+    ("pruner", {"type": "hyperband", "min_resource": 9}, "pruner.min_resource", "Hyperband would never prune"),
+    ("space.lr", {"type": "float", "low": 1e-5, "high": float("inf")}, "space.lr.high", "finite"),
+    ("space.lr", {"type": "float", "low": float("-inf"), "high": 1e-3}, "space.lr.low", "finite"),
+    ("space.lr", {"type": "float", "low": float("nan"), "high": 1e-3}, "space.lr.low", "finite"),
+    ("train.lr", float("inf"), "train.lr", "finite"),
+    ("train.device", "tpu", "train", "unknown device 'tpu'"),
+    ("train.device", "cuda:x", "train", "unknown device 'cuda:x'"),
+    ("pruner", {"type": "percentile", "percentile": float("nan")}, "pruner.percentile", "finite"),
     ("pruner.n_startup_trials", -1, "pruner", "cannot be negative"),
     ("pruner", "median", "pruner", "must be a table"),
 ]
