@@ -62,6 +62,10 @@ class TrainConfig:
     mnr_scale: float = _opt(20.0, "multiple-negatives ranking: cosine similarities times this before softmax")
     cosent_scale: float = _opt(20.0, "CoSENT: lambda, applied to score/5 (cosine units)")
     layer_decay: float = _opt(1.0, "encoder lr times this per layer down from the top (embeddings lowest); 1 = off")
+    smart_weight: float = _opt(0.0, "SMART (Jiang et al. 2020) smoothness regulariser weight lambda_s; 0 = off "
+                                     "(each step then costs ~3 forward passes)")
+    smart_epsilon: float = _opt(1e-5, "SMART: bound (and initial noise std) of the word-embedding perturbation")
+    smart_step: float = _opt(1e-3, "SMART: step size of the perturbation's gradient ascent")
 
     # optimisation
     lr: float = _opt(1e-4, "encoder learning rate (AdamW)")
@@ -142,9 +146,11 @@ class TrainConfig:
             yield "pcgrad needs several tasks per step: multitask with task_sampling 'all'"
         if not 0.5 <= self.layer_decay <= 1.0:
             yield f"layer_decay must be in [0.5, 1], got {self.layer_decay}"
-        for name in ("uncertainty_lr", "mnr_scale", "cosent_scale"):
+        for name in ("uncertainty_lr", "mnr_scale", "cosent_scale", "smart_epsilon", "smart_step"):
             if not getattr(self, name) > 0:
                 yield f"{name} must be > 0"
+        if not self.smart_weight >= 0:
+            yield f"smart_weight must be >= 0, got {self.smart_weight}"
 
 
 def config_fields() -> set[str]:

@@ -233,3 +233,74 @@ def cosine_factor(step: int, warmup: int, total: int) -> float:
         return (step + 1) / (warmup + 1)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------- SMART
+
+
+def symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KL(p_b || p_a) + KL(p_a || p_b) of softmax(logits), batch mean; each KL's target side detached
+    (mt-dnn's SymKlCriterion), so the gradient reaches both `a` and `b` through their log-probabilities."""
+    la, lb = F.log_softmax(a.float(), dim=-1), F.log_softmax(b.float(), dim=-1)
+    return (F.kl_div(la, lb.detach(), log_target=True, reduction="batchmean")
+            + F.kl_div(lb, la.detach(), log_target=True, reduction="batchmean"))
+
+
+def symmetric_kl_binary(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """symmetric_kl of Bernoulli distributions given by logits (N,)."""
+    zeros = torch.zeros_like(a.float())
+    return symmetric_kl(torch.stack([zeros, a.float()], -1), torch.stack([zeros, b.float()], -1))
+
+
+class EmbeddingNoise:
+    """Adds a perturbation to every output of the word-embedding layer while active, one per call
+    in call order: "sample" draws N(0, epsilon^2) noise that requires grad, "replay" reuses the
+    (updated) perturbations of the same calls. A forward hook, so every input path (per piece,
+    fused, packed, joint pairs) is perturbed without knowing about it."""
+
+    def __init__(self, module: nn.Module, epsilon: float) -> None:
+        self.epsilon, self.mode, self.deltas, self.calls = epsilon, "sample", [], 0
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if self.mode == "sample":
+            delta = (torch.randn_like(output, dtype=torch.float32) * self.epsilon).requires_grad_()
+            self.deltas.append(delta)
+        else:
+            delta = self.deltas[self.calls]
+            self.calls += 1
+        return output + delta.to(output.dtype)
+
+    def replay(self, deltas: list[torch.Tensor]) -> None:
+        self.mode, self.deltas, self.calls = "replay", deltas, 0
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def smart_regularizer(model: nn.Module, forward, clean: dict[str, torch.Tensor], cfg: TrainConfig
+                      ) -> dict[str, torch.Tensor]:
+    """SMART's smoothness-inducing regulariser (Jiang et al. 2020, eq. 3), per task.
+
+    R_t = D_t(f(x + delta), f(x)) with delta on the word embeddings, found by one step of projected
+    gradient ascent (the paper's setting): delta_0 ~ N(0, eps^2); g = grad of sum_t D_t(f(x + delta_0),
+    f(x) detached); delta = clip(delta_0 + step * g / |g|_inf, -eps, eps) per token. D_t is the task
+    table's divergence (symmetric KL for classes, squared error for scores). `forward()` recomputes
+    {task: head output} on the same batches; `clean` holds the unperturbed outputs. Only the
+    regulariser, not the paper's Bregman proximal-point (momentum teacher) update.
+    """
+    noise = EmbeddingNoise(model.encoder.get_input_embeddings(), cfg.smart_epsilon)
+    try:
+        adversarial = forward()
+        ascent = sum(TASK_TABLE[t].divergence(adversarial[t], out.detach()) for t, out in clean.items())
+        grads = torch.autograd.grad(ascent, noise.deltas, allow_unused=True)
+        deltas = []
+        for delta, grad in zip(noise.deltas, grads):
+            if grad is not None:
+                delta = delta + cfg.smart_step * grad / (grad.abs().amax(-1, keepdim=True) + 1e-12)
+            deltas.append(delta.detach().clamp(-cfg.smart_epsilon, cfg.smart_epsilon))
+        noise.replay(deltas)
+        adversarial = forward()
+    finally:
+        noise.remove()
+    return {t: TASK_TABLE[t].divergence(adversarial[t], out) for t, out in clean.items()}

@@ -91,6 +91,24 @@ def _sts_mse_cosent(out, y, vecs, cfg):
     return _mse(out, y) + _sts_cosent(out, y, vecs, cfg)
 
 
+def _categorical_divergence(a, b):
+    from .methods import symmetric_kl
+
+    return symmetric_kl(a, b)
+
+
+def _bernoulli_divergence(a, b):
+    from .methods import symmetric_kl_binary
+
+    return symmetric_kl_binary(a, b)
+
+
+def _squared_divergence(a, b):
+    import torch.nn.functional as F
+
+    return F.mse_loss(a.float(), b.float())
+
+
 @dataclass(frozen=True)
 class Task:
     """One task of the multitask model (see the module docstring)."""
@@ -119,6 +137,8 @@ class Task:
     weight_option: str | None = None  # TrainConfig field of this task's fixed loss weight
     encoding_option: str | None = None  # pair tasks: TrainConfig field "bi" | "cross" | "both"
     joint_outputs: Callable[[Any, Any, Any], Any] | None = None  # (model, joint vector, sentence vectors or None)
+    # SMART: divergence between the head outputs on perturbed and clean inputs (gradient to both sides)
+    divergence: Callable[[Any, Any], Any] | None = None
 
     @property
     def classification(self) -> bool:
@@ -151,18 +171,20 @@ class Task:
 TASK_TABLE: dict[str, Task] = {
     "sst": Task("sst", "SST", "ids-sst-{split}.csv", ("sentence",), "sentiment", 0, 4, True,
                 "sst_acc", "SST acc", "sst", "sst", "Predicted_Sentiment", _sst_outputs, _cross_entropy, _argmax, False,
-                head="sst", losses={"ce": _plain(_cross_entropy)}, weight_option="sst_weight"),
+                head="sst", losses={"ce": _plain(_cross_entropy)}, weight_option="sst_weight",
+                divergence=_categorical_divergence),
     "quora": Task("quora", "Quora", "quora-{split}.csv", ("sentence1", "sentence2"), "is_duplicate", 0, 1, True,
                   "quora_acc", "Quora acc", "para", "para", "Predicted_Is_Paraphrase", _para_outputs, _bce, _positive, False,
                   head="para", losses={"bce": _plain(_bce), "bce_mnr": TaskLoss(_bce_mnr, needs_vectors=True)},
                   loss_option="quora_loss", weight_option="quora_weight", encoding_option="quora_encoding",
-                  joint_outputs=_para_joint_outputs),
+                  joint_outputs=_para_joint_outputs, divergence=_bernoulli_divergence),
     "sts": Task("sts", "STS", "sts-{split}.csv", ("sentence1", "sentence2"), "similarity", 0.0, 5.0, False,
                 "sts_corr", "STS r", "sts", "sts", "Predicted_Similiarity",  # sic: the course's spelling
                 _sts_outputs, _mse, _clamp_0_5, True,
-                head="sts", losses={"mse": _plain(_mse), "cosent": TaskLoss(_sts_cosent), "mse_cosent": TaskLoss(_sts_mse_cosent)},
+                head="sts", losses={"mse": _plain(_mse), "cosent": TaskLoss(_sts_cosent),
+                                    "mse_cosent": TaskLoss(_sts_mse_cosent)},
                 loss_option="sts_loss", weight_option="sts_weight", encoding_option="sts_encoding",
-                joint_outputs=_sts_joint_outputs),
+                joint_outputs=_sts_joint_outputs, divergence=_squared_divergence),
 }
 TASKS: tuple[str, ...] = tuple(TASK_TABLE)
 TASK_METRICS: tuple[str, ...] = tuple(t.metric for t in TASK_TABLE.values())  # sst_acc, quora_acc, sts_corr

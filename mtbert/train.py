@@ -31,8 +31,8 @@ from .config import TrainConfig, add_config_arguments, resolve_data_dir, resolve
 from .data import Batch, TaskData, TaskStream, joint_inputs, load_splits
 from .evaluate import evaluate
 from .inputs import batch_pieces, embed_pieces, input_mode
-from .methods import (DEFAULTS, cosine_factor, head_output, layer_depth, layer_lr_scale, pcgrad_backward, task_loss,
-                      task_plan, weigh_losses)
+from .methods import (DEFAULTS, cosine_factor, head_output, layer_depth, layer_lr_scale, pcgrad_backward,
+                      smart_regularizer, task_loss, task_plan, weigh_losses)
 from .model import MultitaskBert, load_pretrained
 from .tasks import TASK_TABLE, TASKS
 
@@ -100,24 +100,42 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def task_losses(model: MultitaskBert, streams: dict[str, TaskStream], batches: list[Batch],
-                mode: str, cfg: TrainConfig = DEFAULTS) -> dict[str, torch.Tensor]:
-    """Loss of each task in `batches`; `mode` says how sentences reach the encoder (mtbert.inputs).
+def task_outputs(model: MultitaskBert, streams: dict[str, TaskStream], batches: list[Batch],
+                 mode: str) -> dict[str, tuple[torch.Tensor, list[torch.Tensor] | None]]:
+    """Head output and sentence vectors (None when cross-encoded) of each task in `batches`; `mode`
+    says how sentences reach the encoder (mtbert.inputs).
 
     Sentence vectors (bi-encoding) of all batches go through the encoder together; a cross-encoded
-    pair task adds one forward of its joint "[CLS] s1 [SEP] s2" inputs. cfg picks each task's loss.
+    pair task adds one forward of its joint "[CLS] s1 [SEP] s2" inputs.
     """
     bi = [b for b in batches if model.uses_vectors(b.task)]
     vecs = iter(embed_pieces(model, [p for b in bi for p in batch_pieces(streams[b.task], b)], mode) if bi else ())
-    losses = {}
+    outputs = {}
     for b in batches:
         task, stream = TASK_TABLE[b.task], streams[b.task]
         v = [next(vecs) for _ in task.sentence_columns] if model.uses_vectors(b.task) else None
         joint = None
         if model.uses_joint(b.task):
             joint = model.embed(*joint_inputs(stream.data.pair, b.rows, stream.joint_length(b)))
-        out = head_output(model, task, v, joint)
-        losses[b.task] = task_loss(task, cfg)(out, stream.data.labels[b.rows], v, cfg)
+        outputs[b.task] = (head_output(model, task, v, joint), v)
+    return outputs
+
+
+def task_losses(model: MultitaskBert, streams: dict[str, TaskStream], batches: list[Batch],
+                mode: str, cfg: TrainConfig = DEFAULTS) -> dict[str, torch.Tensor]:
+    """Loss of each task in `batches`: the task's loss that cfg names, plus, with smart_weight > 0
+    in training mode, smart_weight times its SMART regulariser (two more forward passes)."""
+    outputs = task_outputs(model, streams, batches, mode)
+    losses = {}
+    for b in batches:
+        out, v = outputs[b.task]
+        losses[b.task] = task_loss(TASK_TABLE[b.task], cfg)(out, streams[b.task].data.labels[b.rows], v, cfg)
+    if cfg.smart_weight > 0 and model.training:
+        def forward() -> dict[str, torch.Tensor]:
+            return {t: out for t, (out, _) in task_outputs(model, streams, batches, mode).items()}
+
+        smart = smart_regularizer(model, forward, {t: out for t, (out, _) in outputs.items()}, cfg)
+        losses = {t: loss + cfg.smart_weight * smart[t] for t, loss in losses.items()}
     return losses
 
 

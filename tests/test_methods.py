@@ -393,8 +393,8 @@ def test_cosine_schedule_values(tiny_model, tiny_data):
 # ------------------------------------------------------------------ resume with the methods
 
 RESUME_CASES = {
-    "annealed+uncertainty+cross": dict(task_sampling="annealed", loss_weighting="uncertainty",
-                                       quora_encoding="cross", sts_loss="cosent"),
+    "annealed+uncertainty+cross+smart": dict(task_sampling="annealed", loss_weighting="uncertainty",
+                                             quora_encoding="cross", sts_loss="cosent", smart_weight=1.0),
     "pcgrad+fixed+both+mnr+decay": dict(pcgrad=True, loss_weighting="fixed", sts_weight=0.5, sts_encoding="both",
                                         quora_loss="bce_mnr", layer_decay=0.8, schedule="cosine"),
 }
@@ -429,6 +429,8 @@ BAD = [
     (dict(layer_decay=0.4), "layer_decay must be in [0.5, 1]"),
     (dict(sts_weight=0.0), "sts_weight must be > 0"),
     (dict(schedule="step"), "schedule must be one of 'linear', 'cosine', 'constant'"),
+    (dict(smart_weight=-1.0), "smart_weight must be >= 0"),
+    (dict(smart_epsilon=0.0), "smart_epsilon must be > 0"),
 ]
 
 
@@ -514,7 +516,7 @@ def test_methods_ablation_changes_one_method_per_row():
         assert all(getattr(defaults, k) != v for k, v in bundle.items()), name  # each value is a change
     covered = {k for b in presets.values() for k in b}
     assert {"quora_encoding", "sts_encoding", "task_sampling", "loss_weighting", "pcgrad", "sts_loss",
-            "quora_loss", "layer_decay", "schedule"} <= covered
+            "quora_loss", "layer_decay", "schedule", "smart_weight"} <= covered
     assert {b.get("task_sampling") for b in presets.values()} >= set(TASK_SAMPLINGS) - {"all"}
 
 
@@ -525,3 +527,72 @@ def test_epoch_plan_passes_sampling_through(tiny_model, tiny_data):
     plan = epoch_plan(streams, True, 1, "sqrt", 3, 7)
     assert plan == task_plan({t: 48 for t in TASKS}, {t: 6 for t in TASKS}, "sqrt", 1, 3, 7)
     assert np.all([len(s) == 1 for s in plan])
+
+
+# ------------------------------------------------------------------ SMART
+
+
+def test_smart_perturbation_is_bounded_and_ascends_the_divergence(tiny_model, tiny_data, monkeypatch):
+    from mtbert import methods
+    from mtbert.train import task_outputs
+
+    cfg = tiny_cfg(tiny_model, tiny_data, hidden_dropout_prob=0.0, smart_weight=1.0, smart_epsilon=1e-2,
+                   smart_step=1.0)
+    prepared = prepare(cfg)
+    model = build(prepared, cfg).eval()  # no dropout: outputs differ only by the perturbation
+    streams, batches = first_batches(prepared, cfg)
+
+    def forward():
+        return {t: out for t, (out, _) in task_outputs(model, streams, batches, "per_piece").items()}
+
+    clean = {t: out.detach() for t, out in forward().items()}
+    replayed = []
+    replay = methods.EmbeddingNoise.replay
+    monkeypatch.setattr(methods.EmbeddingNoise, "replay", lambda self, d: (replayed.extend(d), replay(self, d)))
+    torch.manual_seed(0)
+    smart = methods.smart_regularizer(model, forward, clean, cfg)
+    word_embeddings = model.encoder.get_input_embeddings()
+    assert not word_embeddings._forward_hooks  # the noise hook is gone after the step
+    assert len(replayed) == 5  # one perturbation per encoder call: five sentence columns, per piece
+    assert all(d.abs().max() <= cfg.smart_epsilon for d in replayed)
+    assert sum(int((d.abs() == cfg.smart_epsilon).sum()) for d in replayed) > 0  # the ascent reached the bound
+    # the ascent step found a perturbation worse than random noise of the same size
+    torch.manual_seed(0)
+    noise = methods.EmbeddingNoise(word_embeddings, cfg.smart_epsilon)
+    try:
+        noisy = forward()
+    finally:
+        noise.remove()
+    random_total = sum(float(TASK_TABLE[t].divergence(noisy[t], clean[t])) for t in TASKS)
+    assert sum(float(v) for v in smart.values()) > 2 * random_total > 0
+
+
+def test_smart_zero_perturbation_is_zero_and_training_runs(tiny_model, tiny_data):
+    from mtbert.methods import smart_regularizer
+    from mtbert.train import task_outputs
+
+    cfg = tiny_cfg(tiny_model, tiny_data, hidden_dropout_prob=0.0, smart_weight=1.0, smart_epsilon=1e-30,
+                   smart_step=1e-30)
+    prepared = prepare(cfg)
+    model = build(prepared, cfg).eval()
+    streams, batches = first_batches(prepared, cfg)
+
+    def forward():
+        return {t: out for t, (out, _) in task_outputs(model, streams, batches, "per_piece").items()}
+
+    clean = forward()
+    smart = smart_regularizer(model, forward, clean, cfg)
+    assert all(float(v.detach()) == pytest.approx(0.0, abs=1e-10) for v in smart.values())
+    results = train(tiny_cfg(tiny_model, tiny_data, epochs=2, smart_weight=1.0), prepared, progress=False)
+    assert all(math.isfinite(r.train_loss) for r in results)
+
+
+def test_smart_divergences_by_hand():
+    from mtbert.methods import symmetric_kl, symmetric_kl_binary
+
+    a, b = torch.tensor([[0.0, math.log(3.0)]]), torch.tensor([[0.0, 0.0]])  # p = (1/4, 3/4), q = (1/2, 1/2)
+    kl = lambda p, q: sum(x * math.log(x / y) for x, y in zip(p, q))  # noqa: E731
+    expected = kl([0.5, 0.5], [0.25, 0.75]) + kl([0.25, 0.75], [0.5, 0.5])
+    assert float(symmetric_kl(a, b)) == pytest.approx(expected, rel=1e-6)
+    assert float(symmetric_kl_binary(torch.tensor([math.log(3.0)]), torch.tensor([0.0]))) == pytest.approx(expected,
+                                                                                                            rel=1e-6)
