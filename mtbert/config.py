@@ -63,7 +63,7 @@ class TrainConfig:
     cosent_scale: float = _opt(20.0, "CoSENT: lambda, applied to score/5 (cosine units)")
     layer_decay: float = _opt(1.0, "encoder lr times this per layer down from the top (embeddings lowest); 1 = off")
     smart_weight: float = _opt(0.0, "SMART (Jiang et al. 2020) smoothness regulariser weight lambda_s; 0 = off "
-                                     "(each step then costs ~3 forward passes)")
+                                     "(on, a step costs ~3 forward passes)")
     smart_epsilon: float = _opt(1e-5, "SMART: bound (and initial noise std) of the word-embedding perturbation")
     smart_step: float = _opt(1e-3, "SMART: step size of the perturbation's gradient ascent")
 

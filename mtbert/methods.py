@@ -23,6 +23,15 @@ from .config import TrainConfig
 from .tasks import TASK_TABLE, TASKS, Task
 
 DEFAULTS = TrainConfig()  # the report's methods: what callers that pass no config get
+# the fields that change what a training step computes (layer_decay and schedule change only the optimizer)
+STEP_FIELDS = ("quora_encoding", "sts_encoding", "task_sampling", "loss_weighting", "pcgrad", "quora_loss", "sts_loss",
+               "smart_weight")
+
+
+def report_step(cfg: TrainConfig) -> bool:
+    """Whether cfg's step is the report's (every task each step, losses summed, bi-encoding, BCE/MSE):
+    what a specialised step (e.g. a static-shape CUDA graph) may assume; otherwise use train_step."""
+    return all(getattr(cfg, f) == getattr(DEFAULTS, f) for f in STEP_FIELDS) and cfg.multitask
 
 # ---------------------------------------------------------------- task sampling
 

@@ -596,3 +596,15 @@ def test_smart_divergences_by_hand():
     assert float(symmetric_kl(a, b)) == pytest.approx(expected, rel=1e-6)
     assert float(symmetric_kl_binary(torch.tensor([math.log(3.0)]), torch.tensor([0.0]))) == pytest.approx(expected,
                                                                                                             rel=1e-6)
+
+
+def test_report_step_tells_a_specialised_step_when_it_may_run():
+    from mtbert.methods import STEP_FIELDS, report_step
+
+    assert report_step(TrainConfig()) and report_step(TrainConfig(layer_decay=0.8, schedule="cosine"))
+    assert not report_step(TrainConfig(multitask=False))
+    changed = {"quora_encoding": "cross", "sts_encoding": "both", "task_sampling": "sqrt", "loss_weighting": "fixed",
+               "pcgrad": True, "quora_loss": "bce_mnr", "sts_loss": "cosent", "smart_weight": 1.0}
+    assert set(changed) == set(STEP_FIELDS)
+    for field, value in changed.items():
+        assert not report_step(TrainConfig(**{field: value})), field
