@@ -11,6 +11,14 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "default"  # sentinel: the packaged all-MiniLM-L6-v2, or $MTBERT_DEFAULT_MODEL
+SCHEDULES = ("linear", "cosine", "constant")
+ENCODINGS = ("bi", "cross", "both")  # pair encoding of a pair task
+TASK_SAMPLINGS = ("all", "round_robin", "proportional", "sqrt", "annealed")
+LOSS_WEIGHTINGS = ("sum", "fixed", "uncertainty")
+
+
+def _names(values: Iterable[str]) -> str:
+    return ", ".join(repr(v) for v in values)
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -36,12 +44,36 @@ class TrainConfig:
     multitask: bool = _opt(True, "sum the three losses each step (off: the tasks one after another)")
     hidden_dropout_prob: float = _opt(0.3, "dropout of the sentence vectors and inside the heads")
 
+    # multitask methods beyond the report (README "Multitask methods"); each default is the report's
+    quora_encoding: str = _opt("bi", "Quora pair encoding: 'bi' (two sentence vectors), 'cross' ([CLS] s1 [SEP] s2 "
+                                     "through the encoder, head on the joint vector) or 'both' (cross logit + cos(u, v))")
+    sts_encoding: str = _opt("bi", "STS pair encoding: 'bi', 'cross' or 'both' (cross score + 5*cos(u, v))")
+    task_sampling: str = _opt("all", "with multitask: 'all' (every task each step, losses summed), or one task per "
+                                     "step: 'round_robin', 'proportional' (to set size), 'sqrt' or 'annealed' "
+                                     "(Stickland & Murray 2019)")
+    loss_weighting: str = _opt("sum", "'sum' of the task losses, 'fixed' (--sst-weight ...) or 'uncertainty' "
+                                      "(learned log-variances, Kendall et al. 2018)")
+    sst_weight: float = _opt(1.0, "SST loss weight with --loss-weighting fixed")
+    quora_weight: float = _opt(1.0, "Quora loss weight with --loss-weighting fixed")
+    sts_weight: float = _opt(1.0, "STS loss weight with --loss-weighting fixed")
+    uncertainty_lr: float = _opt(1e-2, "learning rate of the log-variances of --loss-weighting uncertainty")
+    pcgrad: bool = _opt(False, "PCGrad (Yu et al. 2020): project conflicting task gradients on the encoder")
+    quora_loss: str = _opt("bce", "'bce', or 'bce_mnr': BCE + in-batch multiple-negatives ranking of duplicates")
+    sts_loss: str = _opt("mse", "'mse', 'cosent' (Su 2022) or 'mse_cosent' (their sum)")
+    mnr_scale: float = _opt(20.0, "multiple-negatives ranking: cosine similarities times this before softmax")
+    cosent_scale: float = _opt(20.0, "CoSENT: lambda, applied to score/5 (cosine units)")
+    layer_decay: float = _opt(1.0, "encoder lr times this per layer down from the top (embeddings lowest); 1 = off")
+    smart_weight: float = _opt(0.0, "SMART (Jiang et al. 2020) smoothness regulariser weight lambda_s; 0 = off "
+                                     "(on, a step costs ~3 forward passes)")
+    smart_epsilon: float = _opt(1e-5, "SMART: bound (and initial noise std) of the word-embedding perturbation")
+    smart_step: float = _opt(1e-3, "SMART: step size of the perturbation's gradient ascent")
+
     # optimisation
     lr: float = _opt(1e-4, "encoder learning rate (AdamW)")
     head_lr: float = _opt(2e-3, "learning rate of the freshly initialised heads")
     weight_decay: float = _opt(0.01, "AdamW weight decay (not on biases and LayerNorm)")
-    schedule: str = _opt("linear", "'linear' (warmup, then linear decay to 0) or 'constant'")
-    warmup_ratio: float = _opt(0.06, "fraction of all steps spent warming up (linear schedule)")
+    schedule: str = _opt("linear", "'linear' or 'cosine' (warmup, then decay to 0) or 'constant'")
+    warmup_ratio: float = _opt(0.06, "fraction of all steps spent warming up (linear and cosine schedules)")
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0 = off)")
     batch_size: int = _opt(16, "examples per task per step")
     epochs: int = _opt(10, "passes over the largest training set")
@@ -73,7 +105,7 @@ class TrainConfig:
     def validate(self) -> None:
         checks = [
             (self.pooling in ("mean", "cls"), "pooling must be 'mean' or 'cls'"),
-            (self.schedule in ("linear", "constant"), "schedule must be 'linear' or 'constant'"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {_names(SCHEDULES)}"),
             (0.0 <= self.hidden_dropout_prob < 1.0, "hidden_dropout_prob must be in [0, 1)"),
             (self.lr > 0 and self.head_lr > 0, "learning rates must be positive"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -86,6 +118,41 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        for message in self._method_problems():
+            raise ValueError(message)
+
+    def _method_problems(self) -> Iterable[str]:
+        """The multitask methods' checks, each message naming its field (a study file's error shows it)."""
+        from .tasks import TASK_TABLE
+
+        if self.task_sampling not in TASK_SAMPLINGS:
+            yield f"task_sampling must be one of {_names(TASK_SAMPLINGS)}, got {self.task_sampling!r}"
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            yield f"loss_weighting must be one of {_names(LOSS_WEIGHTINGS)}, got {self.loss_weighting!r}"
+        for task in TASK_TABLE.values():
+            if task.weight_option and not getattr(self, task.weight_option) > 0:
+                yield f"{task.weight_option} must be > 0"
+            encoding = getattr(self, task.encoding_option) if task.encoding_option else "bi"
+            if task.encoding_option and encoding not in ENCODINGS:
+                yield f"{task.encoding_option} must be one of {_names(ENCODINGS)}, got {encoding!r}"
+            if task.loss_option:
+                loss = getattr(self, task.loss_option)
+                if loss not in task.losses:
+                    yield f"{task.loss_option} must be one of {_names(task.losses)}, got {loss!r}"
+                elif task.losses[loss].needs_vectors and encoding == "cross":
+                    yield (f"{task.loss_option} {loss!r} needs sentence vectors: {task.encoding_option} "
+                           f"must be 'bi' or 'both', not 'cross'")
+        if not self.multitask and self.task_sampling != "all":
+            yield "task_sampling other than 'all' needs multitask (without it the tasks run one after another)"
+        if self.pcgrad and not (self.multitask and self.task_sampling == "all"):
+            yield "pcgrad needs several tasks per step: multitask with task_sampling 'all'"
+        if not 0.5 <= self.layer_decay <= 1.0:
+            yield f"layer_decay must be in [0.5, 1], got {self.layer_decay}"
+        for name in ("uncertainty_lr", "mnr_scale", "cosent_scale", "smart_epsilon", "smart_step"):
+            if not getattr(self, name) > 0:
+                yield f"{name} must be > 0"
+        if not self.smart_weight >= 0:
+            yield f"smart_weight must be >= 0, got {self.smart_weight}"
 
 
 def config_fields() -> set[str]:

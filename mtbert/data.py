@@ -17,7 +17,7 @@ from .tasks import TASK_TABLE, TASKS
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test-student")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: pair tasks also hold the joint "[CLS] s1 [SEP] s2" encoding (TaskData.pair)
 
 
 class DataError(RuntimeError):
@@ -37,13 +37,16 @@ class RawTask:
 
 @dataclass
 class Encoded:
-    """Token ids of one sentence column: right-padded (N, L) int32 and the true lengths."""
+    """Token ids of one sentence column: right-padded (N, L) int32 and the true lengths; for a joint
+    pair encoding also the segment (token type) ids, where the tokenizer makes them."""
 
     ids: torch.Tensor
     lengths: torch.Tensor
+    type_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "Encoded":
-        return Encoded(self.ids.to(device), self.lengths.to(device))
+        type_ids = None if self.type_ids is None else self.type_ids.to(device)
+        return Encoded(self.ids.to(device), self.lengths.to(device), type_ids)
 
 
 @dataclass
@@ -55,6 +58,8 @@ class TaskData:
     columns: list[Encoded]  # 1 for SST, 2 for the pair tasks
     labels: torch.Tensor | None  # int64 for sst/quora... float32 for sts
     skipped: int = 0
+    pair: Encoded | None = None  # pair tasks: "[CLS] s1 [SEP] s2" jointly (cross-encoding), see encode_pairs
+
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -66,7 +71,8 @@ class TaskData:
 
     def to(self, device: torch.device) -> "TaskData":
         labels = None if self.labels is None else self.labels.to(device)
-        return TaskData(self.task, self.ids, [c.to(device) for c in self.columns], labels, self.skipped)
+        pair = None if self.pair is None else self.pair.to(device)
+        return TaskData(self.task, self.ids, [c.to(device) for c in self.columns], labels, self.skipped, pair)
 
 
 def task_path(data_dir: Path, task: str, split: str) -> Path:
@@ -169,6 +175,44 @@ def encode(sentences: list[str], tokenizer, max_length: int) -> Encoded:
     return Encoded(ids, lengths)
 
 
+def pair_max_length(max_length: int, tokenizer) -> int:
+    """Token budget of a joint pair: two sentences' worth, within what the tokenizer's model takes."""
+    limit = getattr(tokenizer, "model_max_length", None) or 0
+    return min(2 * max_length, limit) if 0 < limit < 100_000 else 2 * max_length  # HF's "no limit" is 1e30
+
+
+def encode_pairs(first: list[str], second: list[str], tokenizer, max_length: int) -> Encoded:
+    """Tokenise sentence pairs jointly ("[CLS] s1 [SEP] s2 [SEP]" for BERT), longest sentence truncated
+    first, with the segment ids the tokenizer makes (None where it makes none, e.g. RoBERTa)."""
+    enc = tokenizer(first, second, truncation="longest_first", max_length=pair_max_length(max_length, tokenizer))
+    rows = enc["input_ids"]
+    types = enc.get("token_type_ids")
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+    width = max(8, -(-max(map(len, rows), default=1) // 8) * 8)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=torch.int32)
+    type_ids = None if types is None else torch.zeros((len(rows), width), dtype=torch.int32)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
+        if type_ids is not None:
+            type_ids[i, : len(r)] = torch.tensor(types[i], dtype=torch.int32)
+    return Encoded(ids, lengths, type_ids)
+
+
+def joint_inputs(pair: Encoded, rows: torch.Tensor, length: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Encoder input of the joint pairs `rows` padded to `length`: ids, attention mask, segment ids."""
+    ids = pair.ids[rows, :length]
+    if ids.shape[1] < length:  # a length rounded up past the column's own padding
+        ids = torch.nn.functional.pad(ids, (0, length - ids.shape[1]))
+    mask = (torch.arange(length, device=ids.device) < pair.lengths[rows].unsqueeze(1)).long()
+    type_ids = None
+    if pair.type_ids is not None:
+        type_ids = pair.type_ids[rows, :length]
+        if type_ids.shape[1] < length:
+            type_ids = torch.nn.functional.pad(type_ids, (0, length - type_ids.shape[1]))
+    return ids, mask, type_ids
+
+
 def load_task(data_dir: Path, task: str, split: str, tokenizer, max_length: int = 128,
               max_examples: int = 0, labelled: bool | None = None) -> TaskData:
     """Read, cap and tokenise one split; tokens are cached by tokenizer and file content."""
@@ -197,7 +241,9 @@ def load_task(data_dir: Path, task: str, split: str, tokenizer, max_length: int 
     if raw.labels is not None:
         dtype = torch.int64 if TASK_TABLE[task].integer_labels else torch.float32
         labels = torch.tensor(raw.labels, dtype=dtype)
-    data = TaskData(task, raw.ids, [encode(c, tokenizer, max_length) for c in raw.sentences], labels, raw.skipped)
+    pair = encode_pairs(*raw.sentences, tokenizer, max_length) if len(raw.sentences) == 2 else None
+    data = TaskData(task, raw.ids, [encode(c, tokenizer, max_length) for c in raw.sentences], labels, raw.skipped,
+                    pair)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
@@ -267,6 +313,7 @@ class TaskStream:
         self.round_to = round_to
         self.lengths = data.max_lengths
         self.column_lengths = [c.lengths.cpu().numpy() for c in data.columns]
+        self.pair_lengths = None if data.pair is None else data.pair.lengths.cpu().numpy()  # cross-encoding
         self.batches_per_pass = -(-len(data) // batch_size)
         self._pass = -1
         self._rows: torch.Tensor | None = None
@@ -293,3 +340,7 @@ class TaskStream:
             self._build(pass_index)
         start, end, lengths, host_rows = self._plan[i]
         return Batch(self.data.task, self._rows[start:end], lengths, host_rows)
+
+    def joint_length(self, batch: Batch) -> int:
+        """Padded length of the batch's joint pair inputs (rounded up like the sentence columns)."""
+        return -(-int(self.pair_lengths[batch.host_rows].max()) // self.round_to) * self.round_to

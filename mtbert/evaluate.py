@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import DataError, TaskData, load_task, sorted_batches, task_path
+from .data import DataError, TaskData, joint_inputs, load_task, sorted_batches, task_path
 from .inputs import Piece, embed_pieces, input_mode
+from .methods import head_output
 from .tasks import TASK_TABLE, TASKS
 
 logger = logging.getLogger(__name__)
@@ -50,13 +51,19 @@ def predict(model: nn.Module, data: TaskData, batch_size: int = 256, amp: bool =
     outputs = []
     order = sorted_batches(data.max_lengths, per_batch)
     column_lengths = [c.lengths.cpu().numpy() for c in data.columns]
+    pair_lengths = None if data.pair is None else data.pair.lengths.cpu().numpy()
+    task = TASK_TABLE[data.task]
     for b in order:
         rows = torch.from_numpy(b).to(device)
         pieces = [Piece(c, rows, int(n[b].max()), n[b]) for c, n in zip(data.columns, column_lengths)]
+        vecs = joint = None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            vecs = [v.float() for v in embed_pieces(model, pieces, mode)]
-        task = TASK_TABLE[data.task]
-        outputs.append(task.predict(task.outputs(model, vecs)).float())
+            if model.uses_vectors(data.task):
+                vecs = [v.float() for v in embed_pieces(model, pieces, mode)]
+            if model.uses_joint(data.task):  # cross-encoding: the joint "[CLS] s1 [SEP] s2" inputs
+                length = int(pair_lengths[b].max())
+                joint = model.embed(*joint_inputs(data.pair, rows, length)).float()
+        outputs.append(task.predict(head_output(model, task, vecs, joint)).float())
     pred = torch.cat(outputs).cpu().numpy()
     result = np.empty_like(pred)
     result[np.concatenate(order)] = pred

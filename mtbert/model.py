@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig, resolve_model_name
+from .tasks import TASK_TABLE, TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -97,24 +98,52 @@ class MultitaskBert(nn.Module):
         self.encoder = encoder
         self.pooling = cfg.pooling
         self.cosine = cfg.cosine
+        # pair encoding per pair task (README "Multitask methods"): "bi" builds the report's head on
+        # [u; v]; "cross"/"both" instead a head on the joint vector of "[CLS] s1 [SEP] s2". At "bi"
+        # the modules (and so the initialisation's random draws) are exactly the report's.
+        self.encodings = {t.name: getattr(cfg, t.encoding_option) for t in TASK_TABLE.values() if t.encoding_option}
         hidden = encoder.config.hidden_size
         p = cfg.hidden_dropout_prob
         self.dropout = nn.Dropout(p)
-        self.sst_head = _head(hidden, hidden, N_SENTIMENT_CLASSES, p, norm=cfg.stack, relu=False)
-        self.para_head = _head(2 * hidden, hidden, 1, p, norm=cfg.stack, relu=cfg.relu)
-        self.sts_head = _head(2 * hidden, hidden, 1, p, norm=cfg.stack, relu=cfg.relu)
+        for task in TASK_TABLE.values():  # in table order: sst_head, para_head, sts_head (the report's)
+            if not task.pair:
+                classes = int(task.label_high - task.label_low) + 1 if task.integer_labels else 1
+                setattr(self, f"{task.head}_head", _head(hidden, hidden, classes, p, norm=cfg.stack, relu=False))
+            elif self.encodings[task.name] == "bi":
+                setattr(self, f"{task.head}_head", _head(2 * hidden, hidden, 1, p, norm=cfg.stack, relu=cfg.relu))
+            else:
+                setattr(self, f"{task.head}_joint_head", _head(hidden, hidden, 1, p, norm=cfg.stack, relu=cfg.relu))
+        if cfg.loss_weighting == "uncertainty":  # s_t = log sigma_t^2 per task (TASKS order), start at weight 1
+            self.loss_log_vars = nn.Parameter(torch.zeros(len(TASKS)))
 
     def head_parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.named_parameters() if not name.startswith("encoder.")]
+        """Everything but the encoder and the loss weights: the task heads."""
+        return [p for name, p in self.named_parameters()
+                if not name.startswith("encoder.") and name != "loss_log_vars"]
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Sentence vectors (before dropout) of a padded batch."""
+    def loss_parameters(self) -> list[nn.Parameter]:
+        """The learned loss weights (uncertainty weighting), if any."""
+        return [self.loss_log_vars] if hasattr(self, "loss_log_vars") else []
+
+    def uses_vectors(self, task: str) -> bool:
+        """Whether `task` needs the sentence vector of each of its sentences (bi-encoding)."""
+        return self.encodings.get(task, "bi") in ("bi", "both")
+
+    def uses_joint(self, task: str) -> bool:
+        """Whether `task` needs the joint vector of its sentence pair (cross-encoding)."""
+        return self.encodings.get(task, "bi") in ("cross", "both")
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Sentence vectors (before dropout) of a padded batch; with token_type_ids (segment A/B of a
+        joint "[CLS] s1 [SEP] s2" input, mtbert.data.joint_inputs) the joint pair vectors."""
         mask = attention_mask
         if self.encoder.config._attn_implementation == "sdpa":
             # a ready 4D mask is used as is; from a 2D one transformers first checks mask.all(),
             # which waits for the GPU every forward pass
             mask = attention_mask[:, None, None, :].bool()
-        hidden = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=mask, **extra).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -147,3 +176,18 @@ class MultitaskBert(nn.Module):
 
     def similarity_score(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self._pair(self.sts_head, u, v, 5.0)
+
+    def _joint(self, head: nn.Module, joint: torch.Tensor, vecs: list[torch.Tensor] | None,
+               cos_scale: float) -> torch.Tensor:
+        """Cross-encoding head on the joint vector; with `vecs` ("both") plus cos_scale * cos(u, v)."""
+        out = head(self.dropout(joint)).squeeze(-1)
+        if vecs is not None:
+            u, v = vecs
+            out = out + cos_scale * F.cosine_similarity(u.float(), v.float(), dim=-1).to(out.dtype)
+        return out
+
+    def paraphrase_logit_joint(self, joint: torch.Tensor, vecs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        return self._joint(self.para_joint_head, joint, vecs, 1.0)
+
+    def similarity_score_joint(self, joint: torch.Tensor, vecs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        return self._joint(self.sts_joint_head, joint, vecs, 5.0)

@@ -8,7 +8,7 @@ CLIs can use the names without paying for it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -22,6 +22,14 @@ def _para_outputs(model, vecs):
 
 def _sts_outputs(model, vecs):
     return model.similarity_score(vecs[0], vecs[1])
+
+
+def _para_joint_outputs(model, joint, vecs):
+    return model.paraphrase_logit_joint(joint, vecs)
+
+
+def _sts_joint_outputs(model, joint, vecs):
+    return model.similarity_score_joint(joint, vecs)
 
 
 def _argmax(out):
@@ -55,6 +63,53 @@ def _mse(out, y):
 
 
 @dataclass(frozen=True)
+class TaskLoss:
+    """One named loss of a task: fn(head output, labels, sentence vectors or None, TrainConfig) -> scalar."""
+
+    fn: Callable[[Any, Any, Any, Any], Any]
+    needs_vectors: bool = False  # uses the bi-encoder sentence vectors (not available with 'cross' encoding)
+
+
+def _plain(loss: Callable[[Any, Any], Any]) -> TaskLoss:
+    return TaskLoss(lambda out, y, vecs, cfg: loss(out, y))
+
+
+def _bce_mnr(out, y, vecs, cfg):
+    from .methods import mnr_loss
+
+    # ranking term on the pooled sentence vectors u, v (before dropout): duplicates' u_i against every v_j
+    return _bce(out, y) + mnr_loss(vecs[0], vecs[1], y, cfg.mnr_scale)
+
+
+def _sts_cosent(out, y, vecs, cfg):
+    from .methods import cosent_loss
+
+    return cosent_loss(out.float() / 5.0, y, cfg.cosent_scale)  # score / 5: cosine units, where lambda = 20 is Su's
+
+
+def _sts_mse_cosent(out, y, vecs, cfg):
+    return _mse(out, y) + _sts_cosent(out, y, vecs, cfg)
+
+
+def _categorical_divergence(a, b):
+    from .methods import symmetric_kl
+
+    return symmetric_kl(a, b)
+
+
+def _bernoulli_divergence(a, b):
+    from .methods import symmetric_kl_binary
+
+    return symmetric_kl_binary(a, b)
+
+
+def _squared_divergence(a, b):
+    import torch.nn.functional as F
+
+    return F.mse_loss(a.float(), b.float())
+
+
+@dataclass(frozen=True)
 class Task:
     """One task of the multitask model (see the module docstring)."""
 
@@ -75,6 +130,20 @@ class Task:
     loss: Callable[[Any, Any], Any]  # (head output, labels) -> scalar loss
     predict: Callable[[Any], Any]  # head output -> class id, 0/1 or a 0-5 score
     correlation: bool  # metric: Pearson r (True) or accuracy (False)
+    head: str = ""  # the model's head attribute: MultitaskBert.<head>_head (bi) or .<head>_joint_head (cross)
+    # multitask methods (README "Multitask methods"): the TrainConfig fields that choose them for this task
+    losses: dict[str, TaskLoss] = field(default_factory=dict)  # named losses; the first is the report's
+    loss_option: str | None = None  # TrainConfig field naming one of `losses` (None: the first)
+    weight_option: str | None = None  # TrainConfig field of this task's fixed loss weight
+    encoding_option: str | None = None  # pair tasks: TrainConfig field "bi" | "cross" | "both"
+    joint_outputs: Callable[[Any, Any, Any], Any] | None = None  # (model, joint vector, sentence vectors or None)
+    # SMART: divergence between the head outputs on perturbed and clean inputs (gradient to both sides)
+    divergence: Callable[[Any, Any], Any] | None = None
+
+    @property
+    def classification(self) -> bool:
+        """Classes (a likelihood over labels) rather than a regressed score: decides uncertainty weighting's form."""
+        return self.integer_labels
 
     @property
     def pair(self) -> bool:
@@ -101,12 +170,21 @@ class Task:
 
 TASK_TABLE: dict[str, Task] = {
     "sst": Task("sst", "SST", "ids-sst-{split}.csv", ("sentence",), "sentiment", 0, 4, True,
-                "sst_acc", "SST acc", "sst", "sst", "Predicted_Sentiment", _sst_outputs, _cross_entropy, _argmax, False),
+                "sst_acc", "SST acc", "sst", "sst", "Predicted_Sentiment", _sst_outputs, _cross_entropy, _argmax, False,
+                head="sst", losses={"ce": _plain(_cross_entropy)}, weight_option="sst_weight",
+                divergence=_categorical_divergence),
     "quora": Task("quora", "Quora", "quora-{split}.csv", ("sentence1", "sentence2"), "is_duplicate", 0, 1, True,
-                  "quora_acc", "Quora acc", "para", "para", "Predicted_Is_Paraphrase", _para_outputs, _bce, _positive, False),
+                  "quora_acc", "Quora acc", "para", "para", "Predicted_Is_Paraphrase", _para_outputs, _bce, _positive, False,
+                  head="para", losses={"bce": _plain(_bce), "bce_mnr": TaskLoss(_bce_mnr, needs_vectors=True)},
+                  loss_option="quora_loss", weight_option="quora_weight", encoding_option="quora_encoding",
+                  joint_outputs=_para_joint_outputs, divergence=_bernoulli_divergence),
     "sts": Task("sts", "STS", "sts-{split}.csv", ("sentence1", "sentence2"), "similarity", 0.0, 5.0, False,
                 "sts_corr", "STS r", "sts", "sts", "Predicted_Similiarity",  # sic: the course's spelling
-                _sts_outputs, _mse, _clamp_0_5, True),
+                _sts_outputs, _mse, _clamp_0_5, True,
+                head="sts", losses={"mse": _plain(_mse), "cosent": TaskLoss(_sts_cosent),
+                                    "mse_cosent": TaskLoss(_sts_mse_cosent)},
+                loss_option="sts_loss", weight_option="sts_weight", encoding_option="sts_encoding",
+                joint_outputs=_sts_joint_outputs, divergence=_squared_divergence),
 }
 TASKS: tuple[str, ...] = tuple(TASK_TABLE)
 TASK_METRICS: tuple[str, ...] = tuple(t.metric for t in TASK_TABLE.values())  # sst_acc, quora_acc, sts_corr

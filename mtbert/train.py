@@ -2,6 +2,8 @@
 
 One step = one batch of each task through the encoder in a single forward pass, the three
 losses summed; an epoch runs until the largest training set is exhausted, cycling the others.
+The multitask methods (task sampling, loss weighting, PCGrad, pair encoding, losses, layer-wise
+lr decay; mtbert.methods) change what a step trains on and how its loss and gradient are formed.
 After every epoch: evaluate on dev, checkpoint, then call the caller's callback (which may stop
 training, e.g. to prune). The loop never syncs with the GPU except every `log_every` steps.
 """
@@ -27,9 +29,11 @@ from tqdm.auto import tqdm
 from .checkpoint import (CheckpointUnreadable, ResumeError, RunMismatch, load_checkpoint, remove_stale_temp_files,
                          run_identity, save_checkpoint, set_rng_states, verify_identity, write_run_files)
 from .config import TrainConfig, add_config_arguments, resolve_data_dir, resolve_device
-from .data import Batch, TaskData, TaskStream, load_splits
+from .data import Batch, TaskData, TaskStream, joint_inputs, load_splits
 from .evaluate import evaluate
 from .inputs import batch_pieces, embed_pieces, input_mode
+from .methods import (DEFAULTS, cosine_factor, head_output, layer_depth, layer_lr_scale, pcgrad_backward,
+                      smart_regularizer, task_loss, task_plan, weigh_losses)
 from .model import MultitaskBert, load_pretrained
 from .tasks import TASK_TABLE, TASKS
 
@@ -97,26 +101,65 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def task_outputs(model: MultitaskBert, streams: dict[str, TaskStream], batches: list[Batch],
+                 mode: str) -> dict[str, tuple[torch.Tensor, list[torch.Tensor] | None]]:
+    """Head output and sentence vectors (None when cross-encoded) of each task in `batches`; `mode`
+    says how sentences reach the encoder (mtbert.inputs).
+
+    Sentence vectors (bi-encoding) of all batches go through the encoder together; a cross-encoded
+    pair task adds one forward of its joint "[CLS] s1 [SEP] s2" inputs.
+    """
+    bi = [b for b in batches if model.uses_vectors(b.task)]
+    vecs = iter(embed_pieces(model, [p for b in bi for p in batch_pieces(streams[b.task], b)], mode) if bi else ())
+    outputs = {}
+    for b in batches:
+        task, stream = TASK_TABLE[b.task], streams[b.task]
+        v = [next(vecs) for _ in task.sentence_columns] if model.uses_vectors(b.task) else None
+        joint = None
+        if model.uses_joint(b.task):
+            joint = model.embed(*joint_inputs(stream.data.pair, b.rows, stream.joint_length(b)))
+        outputs[b.task] = (head_output(model, task, v, joint), v)
+    return outputs
+
+
 def task_losses(model: MultitaskBert, streams: dict[str, TaskStream], batches: list[Batch],
-                mode: str) -> dict[str, torch.Tensor]:
-    """Loss of each task in `batches`; `mode` says how sentences reach the encoder (mtbert.inputs)."""
-    vecs = iter(embed_pieces(model, [p for b in batches for p in batch_pieces(streams[b.task], b)], mode))
+                mode: str, cfg: TrainConfig = DEFAULTS) -> dict[str, torch.Tensor]:
+    """Loss of each task in `batches`: the task's loss that cfg names, plus, with smart_weight > 0
+    in training mode, smart_weight times its SMART regulariser (two more forward passes)."""
+    outputs = task_outputs(model, streams, batches, mode)
     losses = {}
     for b in batches:
-        task = TASK_TABLE[b.task]
-        out = task.outputs(model, [next(vecs) for _ in task.sentence_columns])
-        losses[b.task] = task.loss(out, streams[b.task].data.labels[b.rows])
+        out, v = outputs[b.task]
+        losses[b.task] = task_loss(TASK_TABLE[b.task], cfg)(out, streams[b.task].data.labels[b.rows], v, cfg)
+    if cfg.smart_weight > 0 and model.training:
+        def forward() -> dict[str, torch.Tensor]:
+            return {t: out for t, (out, _) in task_outputs(model, streams, batches, mode).items()}
+
+        smart = smart_regularizer(model, forward, {t: out for t, (out, _) in outputs.items()}, cfg)
+        losses = {t: loss + cfg.smart_weight * smart[t] for t, loss in losses.items()}
     return losses
 
 
 def train_step(model: MultitaskBert, optimizer, scheduler, streams: dict[str, TaskStream], batches: list[Batch],
-               amp: bool, max_grad_norm: float, mode: str) -> torch.Tensor:
-    """One optimizer step on the summed loss of `batches`; returns the loss without syncing."""
+               amp: bool, max_grad_norm: float, mode: str, cfg: TrainConfig = DEFAULTS) -> torch.Tensor:
+    """One optimizer step on the (weighted) sum of the task losses of `batches`; returns it without syncing.
+
+    cfg's methods: the loss weighting forms each task's term; with pcgrad the encoder's gradient is
+    the sum of the PCGrad-projected task gradients (mtbert.methods.pcgrad_backward).
+    """
     device_type = batches[0].rows.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
-        loss = sum(task_losses(model, streams, batches, mode).values())
+        losses = task_losses(model, streams, batches, mode, cfg)
+        log_vars = model.loss_log_vars if cfg.loss_weighting == "uncertainty" else None
+        terms = weigh_losses(losses, cfg, log_vars)
+        loss = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if cfg.pcgrad and len(terms) > 1:
+        shared = list(model.encoder.parameters())
+        encoder_ids = {id(p) for p in shared}
+        pcgrad_backward(terms, shared, [p for p in model.parameters() if id(p) not in encoder_ids])
+    else:
+        loss.backward()
     if max_grad_norm > 0:
         nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm, foreach=True)
     optimizer.step()
@@ -124,32 +167,49 @@ def train_step(model: MultitaskBert, optimizer, scheduler, streams: dict[str, Ta
     return loss.detach()
 
 
-def epoch_plan(streams: dict[str, TaskStream], multitask: bool, epoch: int) -> list[list[tuple[str, int]]]:
+def epoch_plan(streams: dict[str, TaskStream], multitask: bool, epoch: int, sampling: str = "all",
+               epochs: int = 1, seed: int = 0) -> list[list[tuple[str, int]]]:
     """The steps of one (0-based) epoch, each a list of (task, stream step).
 
-    Multitask: max(batches per pass) steps, every task in each step, smaller tasks cycling.
+    Multitask: by `sampling` (TrainConfig.task_sampling, mtbert.methods.task_plan); "all" is
+    max(batches per pass) steps, every task in each step, smaller tasks cycling.
     Sequential: all of SST's batches, then Quora's, then STS's, one task per step.
     """
     if multitask:
-        n = max(s.batches_per_pass for s in streams.values())
-        return [[(t, epoch * n + i) for t in TASKS] for i in range(n)]
+        return task_plan({t: len(streams[t].data) for t in TASKS}, {t: streams[t].batches_per_pass for t in TASKS},
+                         sampling, epoch, epochs, seed)
     return [[(t, epoch * streams[t].batches_per_pass + i)] for t in TASKS for i in range(streams[t].batches_per_pass)]
 
 
 def build_optimizer(model: MultitaskBert, cfg: TrainConfig, device: torch.device, total_steps: int):
-    """AdamW with the heads at head_lr, no decay on biases/LayerNorm, and the lr schedule."""
+    """AdamW with the heads at head_lr, no decay on biases/LayerNorm, and the lr schedule.
+
+    layer_decay < 1: encoder parameters at lr * layer_decay ** (layers - depth), depth 0 the
+    embeddings, the top layer at lr (mtbert.methods.layer_depth). Uncertainty weighting's
+    log-variances: their own group at uncertainty_lr, no weight decay.
+    """
     head_ids = {id(p) for p in model.head_parameters()}
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for p in model.parameters():
-        groups.setdefault((id(p) in head_ids, p.ndim >= 2), []).append(p)
-    param_groups = [{"params": ps, "lr": cfg.head_lr if is_head else cfg.lr,
-                     "weight_decay": cfg.weight_decay if decay else 0.0} for (is_head, decay), ps in groups.items()]
+    loss_ids = {id(p) for p in model.loss_parameters()}
+    n_layers = model.encoder.config.num_hidden_layers
+    groups: dict[tuple[str, bool, int], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        kind = "loss" if id(p) in loss_ids else "head" if id(p) in head_ids else "encoder"
+        # depth splits the encoder's groups only under layer decay: at 1 the groups are the report's
+        depth = layer_depth(name.removeprefix("encoder."), n_layers) if kind == "encoder" and cfg.layer_decay != 1 else 0
+        groups.setdefault((kind, p.ndim >= 2 and kind != "loss", depth), []).append(p)
+    lrs = {"head": cfg.head_lr, "loss": cfg.uncertainty_lr}
+    param_groups = [{"params": ps,
+                     "lr": lrs[kind] if kind in lrs else cfg.lr * layer_lr_scale(depth, n_layers, cfg.layer_decay),
+                     "weight_decay": cfg.weight_decay if decay else 0.0}
+                    for (kind, decay, depth), ps in groups.items()]
     optimizer = torch.optim.AdamW(param_groups, fused=device.type == "cuda")
-    warmup = int(cfg.warmup_ratio * total_steps) if cfg.schedule == "linear" else 0
+    warmup = int(cfg.warmup_ratio * total_steps) if cfg.schedule != "constant" else 0
 
     def factor(step: int) -> float:
         if cfg.schedule == "constant":
             return 1.0
+        if cfg.schedule == "cosine":
+            return cosine_factor(step, warmup, total_steps)
         if step < warmup:
             return (step + 1) / (warmup + 1)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
@@ -186,7 +246,7 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
     dev_data = {t: d.to(device) for t, d in prepared.dev.items()}
     round_to = 8 if device.type == "cuda" else 1
     streams = {t: TaskStream(train_data[t], cfg.batch_size, cfg.seed, round_to) for t in TASKS}
-    steps_per_epoch = len(epoch_plan(streams, cfg.multitask, 0))
+    steps_per_epoch = len(epoch_plan(streams, cfg.multitask, 0, cfg.task_sampling, cfg.epochs, cfg.seed))
     mode = input_mode(device, cfg.packing)
     optimizer, scheduler = build_optimizer(model, cfg, device, steps_per_epoch * cfg.epochs)
     if cfg.compile:
@@ -225,14 +285,14 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        plan = epoch_plan(streams, cfg.multitask, epoch)
+        plan = epoch_plan(streams, cfg.multitask, epoch, cfg.task_sampling, cfg.epochs, cfg.seed)
         loss_sum = torch.zeros((), device=device)
         flags: list[torch.Tensor] = []
         bar = tqdm(plan, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=not progress,
                    leave=False, dynamic_ncols=True)
         for i, tasks in enumerate(bar):
             batches = [streams[t].batch(s) for t, s in tasks]
-            loss = train_step(model, optimizer, scheduler, streams, batches, amp, cfg.max_grad_norm, mode)
+            loss = train_step(model, optimizer, scheduler, streams, batches, amp, cfg.max_grad_norm, mode, cfg)
             step += 1
             loss_sum += loss
             flags.append(~torch.isfinite(loss))
