@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -174,7 +175,7 @@ class Worker:
     # ------------------------------------------------------------ one trial
 
     def train_trial(self, trial: optuna.Trial) -> float:
-        from mtbert.config import TrainConfig
+        from mtbert.config import TrainConfig, resolve_data_dir
         from mtbert.train import train
 
         values = self.spec.suggest(trial)
@@ -187,6 +188,7 @@ class Worker:
         trial.set_user_attr("device", device_name(cfg.device))
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("config", cfg.to_dict())
+        trial.set_user_attr("data_dir", os.path.abspath(resolve_data_dir(cfg.data_dir)))  # what the report reruns on
         epoch_seconds: list[float] = []
         per_epoch: list[dict[str, Any]] = []  # user attr `history`: the dashboard note's rows
         self.dev_predictions = None
@@ -269,9 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None,
                         help="'cpu', 'cuda', 'cuda:1', ... (default: the study file's, else GPU if any)")
     parser.add_argument("--seed", type=int, default=None, help="sampler seed (default: the study file's, else random)")
-    parser.add_argument("--max-failures", type=int, default=3, help="stop after this many failed trials in a row")
+    parser.add_argument("--max-failures", type=int, default=3,
+                        help="stop after this many failed trials in a row (default: %(default)s)")
     parser.add_argument("--poll-seconds", type=float, default=5.0,
-                        help="wait between checks when all remaining trials run elsewhere")
+                        help="wait between checks when all remaining trials run elsewhere (default: %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no per-epoch progress bars")
     add_override_arguments(parser)
     args = parser.parse_args(argv)
