@@ -24,7 +24,8 @@ def train_parser() -> argparse.ArgumentParser:
                         help="run folder for the checkpoint, config and metrics; the same command with the same "
                              "--out resumes from its last finished epoch (default: no folder, nothing saved)")
     parser.add_argument("--no-resume", dest="resume", action="store_false",
-                        help="start from scratch even if --out holds a checkpoint")
+                        help="start from scratch, replacing the checkpoint in --out (default: resume it if it is this "
+                             "run's; refuse another run's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
