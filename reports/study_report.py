@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 import storage as storage_lib
 from mtbert.tasks import SCORE_NAMES
+from service.progress import planned_epochs
 from service.ranking import best_trial, leaderboard
 from service.markdown import markdown_table, number
 from studies import StudySpec
@@ -175,11 +176,6 @@ def recorded_budget(study: optuna.Study, spec: StudySpec) -> int:
     given = [attrs[k]["n_trials"] for k in sorted(attrs)
              if k.startswith("overrides ") and isinstance(attrs[k], dict) and "n_trials" in attrs[k]]
     return given[-1] if given else (attrs.get("spec") or {}).get("n_trials", spec.n_trials)
-
-
-def planned_epochs(trial: FrozenTrial, spec: StudySpec) -> int:
-    """Epochs the trial was set to train: its recorded config, else the study's."""
-    return int((trial.user_attrs.get("config") or {}).get("epochs") or spec.epochs)
 
 
 def reproduce_config(trial: FrozenTrial) -> dict[str, Any]:

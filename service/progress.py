@@ -26,6 +26,7 @@ from studies import StudySpec
 
 
 def planned_epochs(trial: FrozenTrial, spec: StudySpec) -> int:
+    """Epochs the trial was set to train: its recorded config, else the study's."""
     return int((trial.user_attrs.get("config") or {}).get("epochs") or spec.epochs)
 
 

@@ -91,3 +91,25 @@ def test_a_fresh_clone_runs_the_quick_start_on_the_shipped_sample(tmp_path):
     study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{clone / 'storage' / 'mtbert.db'}")
     assert {t.user_attrs["config"]["data_dir"] for t in study.trials} == {str(clone / "sample_data")}
     assert f"--data-dir {clone / 'sample_data'}" in report.read_text()  # the reproduce command runs anywhere
+
+
+def test_the_reproduce_command_names_the_folder_a_trial_read_from_the_environment(tmp_path, tiny_model, tiny_data,
+                                                                                  monkeypatch):
+    """A study naming no data folder trains on $MTBERT_DATA_DIR: the worker records the folder, and the report's
+    command names it, so it runs in a fresh shell (it used to leave --data-dir out)."""
+    from reports.study_report import best_section
+    from service.study import open_study
+    from test_search import write_study
+    from worker import Worker
+
+    path = write_study(tmp_path, "envdata", tiny_model, tiny_data, n_trials=1, epochs=1, pruner='type = "none"')
+    path.write_text("\n".join(line for line in path.read_text().splitlines() if not line.startswith("data_dir")))
+    spec = load_spec(path)
+    assert "data_dir" not in spec.train
+    monkeypatch.setenv("MTBERT_DATA_DIR", str(tiny_data))
+    study = open_study(spec, f"sqlite:///{tmp_path / 'e.db'}", {})
+    Worker(study, spec, device="cpu", progress=False, checkpoint_root=tmp_path / "ck").run()
+    (trial,) = study.trials
+    assert trial.user_attrs["config"]["data_dir"] is None and trial.user_attrs["data_dir"] == str(tiny_data)
+    command = re.search(r"^python -m mtbert\.train .*$", best_section(spec, trial), re.M).group(0)
+    assert f"--data-dir {tiny_data} " in command
