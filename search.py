@@ -11,12 +11,19 @@
     python search.py --results                           # docs/results.md from the grid studies
 
 More workers on other machines join with worker.py against the same (PostgreSQL) storage.
+A run prints one line per event (trial started, epoch done, pruned, complete, failed), then the
+leaderboard, and writes the trials CSV and the report (reports/<study>/) once the budget is met.
+
+Exit status: 0 when the budget is met (or was already: nothing to run) or the run was stopped
+with Ctrl-C/SIGTERM; 1 when a worker failed (its last ERROR line is printed); 2 for a bad study
+file, storage or argument.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,8 +33,8 @@ import storage as storage_lib
 from service.launch import start_workers, stop_workers, worker_devices
 from service.progress import follow, print_summary, write_trials_csv
 from service.slurm import add_slurm_arguments, check_arguments, run_array
-from service.study import (SEED, StudyIdentityError, add_override_arguments, bounded, configure_logging,
-                           load_study_spec, open_study, study_key)
+from service.study import (FINISHED, SEED, StudyIdentityError, add_override_arguments, bounded, configure_logging,
+                           load_study_spec, open_study, study_key, trial_counts)
 from studies import StudySpec, StudySpecError
 
 logger = logging.getLogger("search")
@@ -52,7 +59,11 @@ def write_outputs(study: optuna.Study, spec: StudySpec, url: str, args: argparse
         if args.report:
             print(f"report written to {write_report(study, spec, Path(args.out or ROOT / 'reports' / spec.name), url)}")
             return 0
-        print(f"best trial exported to {export_best(study, spec, Path(args.export_best), args.data_dir)}")
+        target = Path(args.export_best)
+        if problem := repository_target_problem(target):
+            logger.error("%s", problem)
+            return 2
+        print(f"best trial exported to {export_best(study, spec, target, args.data_dir)}")
     except ExportError as exc:
         logger.error("%s", exc)
         return 2
@@ -62,17 +73,49 @@ def write_outputs(study: optuna.Study, spec: StudySpec, url: str, args: argparse
     return 0
 
 
+def repository_target_problem(target: Path) -> str | None:
+    """Why --export-best must not write to `target`, or None: a checkpoint is hundreds of MB, so a folder
+    inside this repository must be one git ignores (runs/ is)."""
+    resolved = target.resolve()
+    if resolved != ROOT and ROOT not in resolved.parents:
+        return None
+    advice = "use a folder under runs/ (git-ignored), e.g. --export-best runs/best, or one outside the repository"
+    if resolved == ROOT:
+        return f"refusing to export into the repository root: {advice}"
+    try:
+        check = subprocess.run(["git", "check-ignore", "-q", str(resolved)], cwd=ROOT, capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):  # no git here: nothing to tell
+        return None
+    if check.returncode != 1:  # 0: ignored; 128: not a git checkout (e.g. an unpacked archive)
+        return None
+    return f"refusing to export into {target}: it is inside the repository and not git-ignored; {advice}"
+
+
 def write_results(url: str, out: Path) -> int:
-    """--results: the source report's tables, ours next to theirs, from the storage."""
-    from reports.results_page import write_results_page
+    """--results: the source report's tables, ours next to theirs, from the storage; a page whose only change
+    would be its timestamp is left as it is (docs/results.md is tracked)."""
+    from reports.results_page import update_results_page
 
     try:
         storage_lib.open_storage(url, heartbeat=False, create=False).engine.dispose()  # "no storage at PATH"
-        print(f"results page written to {write_results_page(url, out)}")
+        path, changed = update_results_page(url, out)
     except storage_lib.StorageUnavailable as exc:
         logger.error("%s", exc)
         return 2
+    print(f"results page written to {path}" if changed else f"results page unchanged: {path} (only its timestamp "
+                                                                 f"would change)")
     return 0
+
+
+def write_study_report(study: optuna.Study, spec: StudySpec, url: str, out: str | None) -> None:
+    """After a run that met the budget: the report, so the run ends with something to look at."""
+    from reports.study_report import write_report
+
+    try:
+        print(f"report written to {write_report(study, spec, Path(out or ROOT / 'reports' / spec.name), url)}")
+    except Exception as exc:  # the search itself succeeded: a report problem is a warning
+        logger.warning("report not written: %s: %s (python search.py --study %s --report retries)",
+                       type(exc).__name__, exc, spec.name)
 
 
 # ------------------------------------------------------------ main
@@ -98,9 +141,9 @@ def _during_shutdown(signum, _frame):
                        "them: their trials are then retried after the heartbeat grace period)",
                        signal.Signals(signum).name)
     else:
-        for p, _ in _running:
-            if p.poll() is None:
-                p.kill()
+        for w in _running:
+            if w.proc.poll() is None:
+                w.proc.kill()
 
 
 class NoStudy(LookupError):
@@ -161,7 +204,8 @@ def run(argv: list[str] | None = None) -> int:
                            "docs/results.md); needs no --study")
     mode.add_argument("--export-best", metavar="DIR",
                       help="copy the best trial's checkpoint to DIR and write its CS224N predictions")
-    parser.add_argument("--out", default=None, help="report folder (default: reports/<study>/) or results page")
+    parser.add_argument("--out", default=None,
+                        help="report folder (default: reports/<study>/) or results page (default: docs/results.md)")
     parser.add_argument("--host", default="127.0.0.1", help="dashboard address (default: loopback only)")
     parser.add_argument("--port", type=bounded(int, 1, 65535), default=8080, help="dashboard port (default: 8080)")
     add_slurm_arguments(parser)
@@ -206,18 +250,27 @@ def run(argv: list[str] | None = None) -> int:
         return write_outputs(study, spec, url, args)
 
     status = 0
+    if not args.status:
+        finished = sum(n for state, n in trial_counts(study).items() if state in FINISHED)
+        if finished >= spec.n_trials:
+            print(f"budget met: {finished} of {spec.n_trials} trials finished; nothing to run (raise the budget "
+                  f"with --n-trials N, or see --report)")
+            print_summary(study, spec)
+            return 0
+        if args.seed is None and isinstance(spec.sampler.get("seed"), int):
+            args.seed = spec.sampler["seed"]  # worker i samples with seed + i: parallel workers never repeat each other
     if not args.status and args.launcher == "slurm":
         status = run_array(args.study, study, spec, url, args)
     elif not args.status:
         devices = worker_devices(args.workers, args.workers_per_gpu)
         log_dir = storage_lib.STORAGE_DIR / "logs" / study_key(study)  # by identity: one folder per study
-        procs = start_workers(args.study, url, devices, args, log_dir)
-        _running[:] = procs
+        workers = start_workers(args.study, url, devices, args, log_dir)
+        _running[:] = workers
         outage = None
         try:
-            follow(study, spec, procs)
-            for p, _ in procs:  # the budget is met: workers exit by themselves
-                p.wait()
+            follow(study, spec, workers)
+            for w in workers:  # the budget is met: workers exit by themselves
+                w.proc.wait()
         except KeyboardInterrupt:
             logger.warning("stopping workers; their running trials are handed back and resume next time")
         except storage_lib.StorageOutage as exc:  # the workers ride it out as long, then give up too
@@ -225,10 +278,11 @@ def run(argv: list[str] | None = None) -> int:
         finally:
             signal.signal(signal.SIGINT, _during_shutdown)  # from here on a signal must not break the shutdown
             signal.signal(signal.SIGTERM, _during_shutdown)
-            stop_workers(procs)
-        failed = [i for i, (p, _) in enumerate(procs) if p.returncode not in (0, -signal.SIGTERM)]
-        for i in failed:
-            logger.error("worker %d exited with %s; see %s", i, procs[i][0].returncode, log_dir / f"worker-{i}.log")
+            stop_workers(workers)
+        for w in workers:
+            if w.failed:
+                logger.error("worker %d %s: %s (log: %s)", w.index, w.exit_text(), w.last_error(), w.log_path)
+                status = 1
         if outage is not None:
             logger.error("%s; workers stopped, their running trials are retried when the study runs again", outage)
             return 3
@@ -236,6 +290,8 @@ def run(argv: list[str] | None = None) -> int:
     df = print_summary(study, spec)
     if not df.empty and not args.status:
         print(f"\ntrials written to {write_trials_csv(df, study_key(study))}")
+        if sum(n for state, n in trial_counts(study).items() if state in FINISHED) >= spec.n_trials:
+            write_study_report(study, spec, url, args.out)
     return status
 
 

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import gc
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -199,7 +200,7 @@ class Worker:
 
     def train_trial(self, trial: optuna.Trial) -> float:
         from mtbert.checkpoint import ResumeError
-        from mtbert.config import TrainConfig
+        from mtbert.config import TrainConfig, resolve_data_dir
         from mtbert.train import train
 
         values = self.spec.suggest(trial)
@@ -214,6 +215,7 @@ class Worker:
         trial.set_user_attr("device", device_name(cfg.device))
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("config", cfg.to_dict())
+        trial.set_user_attr("data_dir", os.path.abspath(resolve_data_dir(cfg.data_dir)))  # what the report reruns on
         epoch_seconds: list[float] = []
         per_epoch: list[dict[str, Any]] = []  # user attr `history`: the dashboard note's rows
         self.dev_predictions = None

@@ -11,13 +11,17 @@ no host sync per step; on CUDA one fused forward ("project") or sentences packed
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
 import sys
 import time
 from dataclasses import dataclass, field
+
+if __name__ == "__main__":  # answer --help and bad arguments before the torch import below (seconds)
+    from mtbert.cli import bench_parser
+
+    bench_parser(__doc__).parse_args()
 
 import numpy as np
 import torch
@@ -137,19 +141,9 @@ def run_project(model, data, cfg: TrainConfig, device, steps: int, warmup: int, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default", help="encoder whose tokenizer (and weights) to use")
-    parser.add_argument("--shapes", choices=["model", "bert-base"], default="model",
-                        help="'bert-base': a randomly initialised bert-base-sized encoder (speed only)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16], help="examples per task per step")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on CPU, 100 on CUDA)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3 CPU, 20 CUDA)")
-    parser.add_argument("--compile", action="store_true",
-                        help="CUDA: also measure the compiled step (largest batch size only: compiling is slow)")
-    parser.add_argument("--packing", action="store_true", help="CUDA: also measure the packed-input step")
-    parser.add_argument("--no-reference", action="store_true", help="skip the naive reference")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--device", default="auto")
+    from .cli import bench_parser
+
+    parser = bench_parser(__doc__)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -30,7 +30,7 @@ class TrainConfig:
     """Everything that decides what a training run computes (and a few knobs for how fast)."""
 
     # what to train on
-    model: str = _opt(DEFAULT_MODEL, "HF model id or local folder ('default': packaged all-MiniLM-L6-v2, "
+    model: str = _opt(DEFAULT_MODEL, "HF model id or local folder (default: the packaged all-MiniLM-L6-v2, "
                                      "or $MTBERT_DEFAULT_MODEL)")
     data_dir: str | None = _opt(None, "folder of the CS224N-format files (default: $MTBERT_DATA_DIR, else ./data)")
     max_examples: int = _opt(0, "deterministic cap of examples per task on every split (0 = all)")
@@ -215,6 +215,10 @@ def resolve_model_name(model: str) -> str:
 
 
 
+# some Python versions' BooleanOptionalAction append "(default: ...)" to the help themselves
+_BOOL_SHOWS_DEFAULT = "%(default)" in (argparse.BooleanOptionalAction(["--x"], "x", default=True, help="").help or "")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, names: Iterable[str] | None = None,
                          overrides_only: bool = False) -> None:
     """Add one --flag per TrainConfig field (booleans as --x/--no-x), help from the field metadata.
@@ -227,12 +231,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: Iterable[str] |
             continue
         flag = "--" + f.name.replace("_", "-")
         default = None if overrides_only else f.default
-        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f.metadata.get("help", "")}
+        text = f.metadata.get("help", "")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": text}
         if isinstance(f.default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
+            if not overrides_only and not _BOOL_SHOWS_DEFAULT:
+                kwargs["help"] += f" (default: {'on' if f.default else 'off'})"
         else:
             kwargs["type"] = type(f.default) if f.default is not None else str
-            kwargs["help"] += "" if overrides_only else " (default: %(default)s)"
+            # a help that names its default in words (None, the "default" sentinel) keeps it; others show the value
+            kwargs["help"] += "" if overrides_only or "(default:" in text else " (default: %(default)s)"
         parser.add_argument(flag, **kwargs)
 
 

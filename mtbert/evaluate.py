@@ -1,11 +1,15 @@
 """Dev metrics and CS224N-format predictions; `python -m mtbert.evaluate --checkpoint DIR`."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from pathlib import Path
+
+if __name__ == "__main__":  # answer --help and bad arguments before the torch import below (seconds)
+    from mtbert.cli import evaluate_parser
+
+    evaluate_parser().parse_args()
 
 import numpy as np
 import torch
@@ -119,12 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     from .checkpoint import CheckpointUnreadable, load_model
     from .config import resolve_data_dir, resolve_device
 
-    parser = argparse.ArgumentParser(description="Score a saved run on dev and write CS224N prediction files.")
-    parser.add_argument("--checkpoint", required=True, help="run folder written by mtbert.train (--out)")
-    parser.add_argument("--data-dir", default=None, help="data folder (default: $MTBERT_DATA_DIR, else ./data)")
-    parser.add_argument("--out", default=None, help="where to write the CSVs (default: CHECKPOINT/predictions)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=256)
+    from .cli import evaluate_parser
+
+    parser = evaluate_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = resolve_device(args.device)

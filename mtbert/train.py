@@ -9,7 +9,6 @@ training, e.g. to prune). The loop never syncs with the GPU except every `log_ev
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -21,6 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__":  # answer --help and bad arguments before the torch import below (seconds)
+    from mtbert.cli import train_parser
+
+    train_parser().parse_args()
+
 import numpy as np
 import torch
 from torch import nn
@@ -28,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (CheckpointUnreadable, ResumeError, RunMismatch, load_checkpoint, remove_stale_temp_files,
                          run_identity, save_checkpoint, set_rng_states, verify_identity, write_run_files)
-from .config import TrainConfig, add_config_arguments, resolve_data_dir, resolve_device
+from .config import TrainConfig, resolve_data_dir, resolve_device
 from .data import Batch, TaskData, TaskStream, joint_inputs, load_splits
 from .evaluate import evaluate
 from .inputs import batch_pieces, embed_pieces, input_mode
@@ -321,15 +325,9 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Fine-tune one BERT encoder on SST-5, Quora and STS-B at once.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_arguments(parser)
-    parser.add_argument("--out", default=None, help="run folder: checkpoint, config and metrics (default: none)")
-    parser.add_argument("--no-resume", dest="resume", action="store_false",
-                        help="start from scratch, replacing the checkpoint in --out (default: resume it if it is this "
-                             "run's; refuse another run's)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .cli import train_parser
+
+    parser = train_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "resume", "quiet")})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -459,6 +460,13 @@ def render(results: list[StudyResults], url: str, out: Path) -> str:
 def write_results_page(storage_url: str | None, out: Path,
                        studies: tuple[str, ...] = GRID_STUDIES) -> Path:
     """Write the results page for `studies` (one-parameter grid studies) from the storage to `out`."""
+    return update_results_page(storage_url, out, studies)[0]
+
+
+def update_results_page(storage_url: str | None, out: Path,
+                        studies: tuple[str, ...] = GRID_STUDIES) -> tuple[Path, bool]:
+    """write_results_page, but a page whose only change would be its "Generated ... on <time>" stamp is left
+    untouched (docs/results.md is tracked: rerunning must not dirty it); returns (path, written)."""
     url = storage_lib.resolve_url(storage_url)
     rdb = storage_lib.open_storage(url, heartbeat=False)
     try:
@@ -466,9 +474,16 @@ def write_results_page(storage_url: str | None, out: Path,
     finally:
         rdb.engine.dispose()
     out = Path(out)
+    text = render(results, url, out)
+    if out.is_file() and _without_stamp(out.read_text(encoding="utf-8")) == _without_stamp(text):
+        return out, False
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(results, url, out), encoding="utf-8")
-    return out
+    out.write_text(text, encoding="utf-8")
+    return out, True
+
+
+def _without_stamp(page: str) -> str:
+    return re.sub(r" on \d{4}-\d\d-\d\d \d\d:\d\d UTC by ", " on <time> by ", page, count=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -478,12 +493,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", nargs="+", default=list(GRID_STUDIES), help="grid studies on the page")
     args = parser.parse_args(argv)
     try:
-        path = write_results_page(storage_lib.resolve_url(args.storage, args.storage_file), args.out,
-                                  tuple(args.studies))
+        path, written = update_results_page(storage_lib.resolve_url(args.storage, args.storage_file), args.out,
+                                            tuple(args.studies))
     except storage_lib.StorageUnavailable as exc:
         print(exc, file=sys.stderr)
         return 2
-    print(f"results page written to {path}")
+    print(f"results page written to {path}" if written else f"results page unchanged: {path} (only its timestamp "
+                                                             f"would change)")
     return 0
 
 

@@ -17,17 +17,25 @@ from optuna.trial import FrozenTrial, TrialState
 
 import storage as storage_lib
 from mtbert.tasks import SCORE_NAMES
+from service.progress import planned_epochs
 from service.ranking import best_trial, leaderboard
 from service.markdown import markdown_table, number
 from studies import StudySpec
 
 logger = logging.getLogger(__name__)
 
-PLOTS = {  # file stem: (title, optuna.visualization.matplotlib function name)
-    "optimization_history": ("Optimisation history", "plot_optimization_history"),
-    "intermediate_values": ("Intermediate values (pruned trials stop early)", "plot_intermediate_values"),
-    "parallel_coordinate": ("Parallel coordinates", "plot_parallel_coordinate"),
-    "param_importances": ("Parameter importances", "plot_param_importances"),
+PLOTS = {  # file stem: (title, the question it answers, reports.plots function)
+    "history": ("Optimisation history", "Does the search improve? Each trial's score in the order they ran; "
+                "pruned trials at their last epoch's score.", "history_figure"),
+    "learning_curves": ("Learning curves", "When were trials stopped, and were the stopped ones behind? "
+                        "The score after every epoch.", "learning_curves_figure"),
+    "task_curves": ("Per-task curves of the best trials", "Which task do the best trials learn, and when?",
+                    "task_curves_figure"),
+    "params": ("Score against each parameter", "Which values of each searched parameter score well? "
+               "A log axis for log-scaled parameters.", "params_figure"),
+    "cost": ("Score against compute per trial", "What does each extra minute of training buy? Each trial's "
+             "score against the device-seconds its epochs took; the Pareto front joins the complete trials that "
+             "no other complete trial beats in less time.", "cost_figure"),
 }
 TOP = 10
 
@@ -43,7 +51,7 @@ def write_report(study: optuna.Study, spec: StudySpec, out_dir: Path, storage_ur
         best_section(spec, best),
         pruning_section(spec, trials),
         top_trials_section(study, spec),
-        plots_section(study, trials, out_dir),
+        plots_section(study, trials, spec, out_dir),
     ]
     path = out_dir / "report.md"
     path.write_text("\n\n".join(sections) + "\n")
@@ -89,9 +97,11 @@ def best_section(spec: StudySpec, best: FrozenTrial | None) -> str:
         "Reproduce it:",
         "",
         "```bash",
-        train_command(attrs.get("config") or best.params, f"runs/{spec.name}-trial{best.number}"),
+        train_command(reproduce_config(best), f"runs/{spec.name}-trial{best.number}"),
         "```",
     ]
+    if not reproduce_config(best).get("data_dir"):
+        lines.append("\n(The trial did not record its data folder: add `--data-dir` with the folder it trained on.)")
     return "\n".join(lines)
 
 
@@ -129,16 +139,31 @@ def top_trials_section(study: optuna.Study, spec: StudySpec, top: int = TOP) -> 
            + dataframe_table(df.rename(columns=names), {*SCORE_NAMES.values(), spec.metric})
 
 
-def plots_section(study: optuna.Study, trials: list[FrozenTrial], out_dir: Path) -> str:
-    lines = ["## Plots"]
+def plots_section(study: optuna.Study, trials: list[FrozenTrial], spec: StudySpec, out_dir: Path) -> str:
+    from reports import plots
+
     if not any(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials):
         return "## Plots\n\nSkipped: no finished trial yet."
-    for stem, (title, function) in PLOTS.items():
-        lines += ["", f"### {title}", ""]
-        reason = importance_problem(trials) if stem == "param_importances" else None
-        if reason is None:
-            reason = save_plot(lambda f=function: getattr(plots_module(), f)(study), out_dir / f"{stem}.png")
-        lines.append(f"Skipped: {reason}." if reason else f"![{title}]({stem}.png)")
+    lines = ["## Plots", "", "Blue dots: complete trials; orange crosses: pruned trials (at their last epoch's "
+             "score); red: the best trial."]
+    for stem, (title, question, function) in PLOTS.items():
+        lines += ["", f"### {title}", "", question, ""]
+        lines.append(draw(lambda f=function: getattr(plots, f)(trials, spec), out_dir / f"{stem}.png", title))
+    lines += ["", "### Parameter importances", ""]
+    complete = sum(t.state == TrialState.COMPLETE for t in trials)
+    reason = importance_problem(trials)
+    if reason is None:
+        lines.append(f"Which parameters mattered? fANOVA's share of the score's variance, from {complete} complete "
+                     "trials.")
+        if complete < plots.IMPORTANCE_MIN_TRIALS:
+            lines.append(f"**Caution:** {complete} complete trials are too few for importances to mean much "
+                         f"(below {plots.IMPORTANCE_MIN_TRIALS}, a different seed often reorders them): read the "
+                         "bars as a hint, and the parameter plot above for the points themselves.")
+        lines.append("")
+        lines.append(draw(lambda: plots.importances_figure(param_importances(study), complete),
+                          out_dir / "importances.png", "Parameter importances"))
+    else:
+        lines.append(f"Skipped: {reason}.")
     return "\n".join(lines)
 
 
@@ -153,9 +178,13 @@ def recorded_budget(study: optuna.Study, spec: StudySpec) -> int:
     return given[-1] if given else (attrs.get("spec") or {}).get("n_trials", spec.n_trials)
 
 
-def planned_epochs(trial: FrozenTrial, spec: StudySpec) -> int:
-    """Epochs the trial was set to train: its recorded config, else the study's."""
-    return int((trial.user_attrs.get("config") or {}).get("epochs") or spec.epochs)
+def reproduce_config(trial: FrozenTrial) -> dict[str, Any]:
+    """The trial's training config, with the data folder it actually read when that came from $MTBERT_DATA_DIR
+    (recorded by the worker as user attr `data_dir`), so the command runs in a fresh shell."""
+    config = dict(trial.user_attrs.get("config") or trial.params)
+    if not config.get("data_dir") and trial.user_attrs.get("data_dir"):
+        config["data_dir"] = trial.user_attrs["data_dir"]
+    return config
 
 
 def train_command(config: dict[str, Any], out: str) -> str:
@@ -187,33 +216,29 @@ def importance_problem(trials: list[FrozenTrial]) -> str | None:
     return None
 
 
-def plots_module():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from optuna.visualization import matplotlib as plots
-
-    return plots
+def param_importances(study: optuna.Study) -> dict[str, float]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return optuna.importance.get_param_importances(study)
 
 
-def save_plot(draw: Callable[[], Any], path: Path) -> str | None:
-    """Draw one optuna matplotlib plot and save it as a PNG; return why it failed, or None."""
-    import matplotlib.pyplot as plt
-    import numpy as np
+def draw(make: Callable[[], Any], path: Path, title: str) -> str:
+    """Draw one figure and save it as a PNG; the markdown that shows it, or says why it is missing."""
+    from reports.plots import NotDrawable, save
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            axes = draw()
-        figure = np.ravel(axes)[0].figure
-        figure.set_size_inches(8, 5)
-        figure.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(figure)
+            save(make(), path)
+    except NotDrawable as exc:
+        return f"Skipped: {exc}."
     except Exception as exc:  # a plot the study's trials cannot support must not sink the report
         logger.warning("%s not drawn: %s: %s", path.name, type(exc).__name__, exc)
+        import matplotlib.pyplot as plt
+
         plt.close("all")
-        return f"{type(exc).__name__}: {exc}".rstrip(".")
-    return None
+        return f"Skipped: {type(exc).__name__}: {exc}".rstrip(".") + "."
+    return f"![{title}]({path.name})"
 
 
 def dataframe_table(df: pd.DataFrame, score_columns: set[str]) -> str:

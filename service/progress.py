@@ -1,34 +1,176 @@
-"""What search.py shows: one progress bar for the study, the leaderboard, the trials CSV."""
+"""What search.py shows while a study runs: one line per event (trial started, epoch done, pruned,
+complete, failed, worker exited), read from the study's storage, under a progress bar on a terminal
+and as plain log lines otherwise; then the leaderboard and the trials CSV.
+
+The workers store everything this needs after every epoch (intermediate values, user attrs
+`history`, `config`, `fail_reason`), so the display polls the storage and never talks to a worker.
+"""
 from __future__ import annotations
 
+import sys
 import time
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 import optuna
 import pandas as pd
-from optuna.trial import TrialState
-from tqdm.auto import tqdm
+from optuna.trial import FrozenTrial, TrialState
 
 import storage as storage_lib
+from mtbert.tasks import SCORE_NAMES, TASK_METRICS
 from service.ranking import best_trial, leaderboard
 from service.study import FINISHED, trial_counts
 from studies import StudySpec
 
 
-def follow(study: optuna.Study, spec: StudySpec, procs: list, poll: float = 2.0) -> None:
-    """One progress bar for the study until its budget is met or every worker has exited."""
-    bar = tqdm(total=spec.n_trials, desc=spec.name, unit="trial", dynamic_ncols=True)
+def planned_epochs(trial: FrozenTrial, spec: StudySpec) -> int:
+    """Epochs the trial was set to train: its recorded config, else the study's."""
+    return int((trial.user_attrs.get("config") or {}).get("epochs") or spec.epochs)
+
+
+def format_params(params: dict) -> str:
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
+
+
+class TrialEvents:
+    """Turns successive snapshots of a study's trials into event lines.
+
+    The first snapshot is the baseline: what was there before this run prints nothing.
+    """
+
+    def __init__(self, spec: StudySpec, baseline: Sequence[FrozenTrial] = ()):
+        self.spec = spec
+        self.seen: dict[int, tuple[TrialState, int]] = {t.number: (t.state, self._last_epoch(t)) for t in baseline
+                                                         if t.state != TrialState.WAITING}  # queued: not started
+        self.best: tuple[int, float] | None = None
+        for t in baseline:
+            self._note_best(t)
+
+    @staticmethod
+    def _last_epoch(trial: FrozenTrial) -> int:
+        return max(trial.intermediate_values, default=0)
+
+    def _note_best(self, trial: FrozenTrial) -> bool:
+        """Record a complete trial's value; True when it is the best so far."""
+        if trial.state != TrialState.COMPLETE or trial.value is None:
+            return False
+        better = self.best is None or (trial.value > self.best[1] if self.spec.direction == "maximize"
+                                       else trial.value < self.best[1])
+        if better:
+            self.best = (trial.number, trial.value)
+        return better
+
+    def update(self, trials: Sequence[FrozenTrial]) -> list[str]:
+        lines = []
+        for t in sorted(trials, key=lambda t: t.number):
+            if t.state == TrialState.WAITING:  # queued (e.g. a retry), not started yet
+                continue
+            old_state, old_epoch = self.seen.get(t.number, (None, 0))
+            epoch = self._last_epoch(t)
+            if old_state is None:
+                retry = t.system_attrs.get("failed_trial")
+                again = f" (retry of trial {retry}: resumes from its last checkpoint)" if retry is not None else ""
+                lines.append(f"trial {t.number} started: {format_params(t.params)}{again}")
+            if epoch > old_epoch:
+                lines += [self.epoch_line(t, e) for e in sorted(t.intermediate_values) if e > old_epoch]
+            if t.state != old_state and t.state != TrialState.RUNNING:
+                lines.append(self.end_line(t))
+            self.seen[t.number] = (t.state, epoch)
+        return lines
+
+    def epoch_line(self, trial: FrozenTrial, epoch: int) -> str:
+        metric = self.spec.metric
+        row = next((h for h in trial.user_attrs.get("history") or [] if h.get("epoch") == epoch), {})
+        tasks = " ".join(f"{SCORE_NAMES[k]} {row[k]:.3f}" for k in TASK_METRICS if isinstance(row.get(k), float))
+        seconds = f" | {row['seconds']:.0f} s" if isinstance(row.get("seconds"), (int, float)) else ""
+        return (f"trial {trial.number} epoch {epoch}/{planned_epochs(trial, self.spec)}: {metric} "
+                f"{trial.intermediate_values[epoch]:.4f}" + (f" | {tasks}" if tasks else "") + seconds)
+
+    def end_line(self, trial: FrozenTrial) -> str:
+        metric, n = self.spec.metric, trial.number
+        if trial.state == TrialState.PRUNED:
+            epoch = self._last_epoch(trial)
+            value = f": {metric} {trial.intermediate_values[epoch]:.4f}" if epoch else ""
+            return f"trial {n} pruned after epoch {epoch}/{planned_epochs(trial, self.spec)}{value}"
+        if trial.state == TrialState.COMPLETE:
+            if self._note_best(trial):
+                return f"trial {n} complete: {metric} {trial.value:.4f} (best so far)"
+            return f"trial {n} complete: {metric} {trial.value:.4f} (best: #{self.best[0]} {self.best[1]:.4f})"
+        reason = trial.user_attrs.get("fail_reason") or "no reason recorded"
+        return f"trial {n} failed: {reason}"
+
+
+class LineDisplay:
+    """Not a terminal: one timestamped line per event, nothing redrawn."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+
+    def event(self, text: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {text}", file=self.out, flush=True)
+
+    def status(self, study: optuna.Study, spec: StudySpec, trials: Sequence[FrozenTrial]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class BarDisplay(LineDisplay):
+    """A terminal: the event lines scroll above one progress bar of the study's finished trials."""
+
+    def __init__(self, out: TextIO, spec: StudySpec):
+        from tqdm.auto import tqdm
+
+        super().__init__(out)
+        self.bar = tqdm(total=spec.n_trials, desc=spec.name, unit="trial", dynamic_ncols=True, file=out)
+
+    def event(self, text: str) -> None:
+        self.bar.write(f"{time.strftime('%H:%M:%S')} {text}", file=self.out)
+
+    def status(self, study: optuna.Study, spec: StudySpec, trials: Sequence[FrozenTrial]) -> None:
+        counts = Counter(t.state for t in trials)
+        self.bar.n = min(sum(counts[s] for s in FINISHED), spec.n_trials)
+        running = [f"#{t.number} epoch {max(t.intermediate_values, default=0)}/{planned_epochs(t, spec)}"
+                   for t in trials if t.state == TrialState.RUNNING]
+        self.bar.set_postfix_str(progress_text(study, spec, counts) + (f" | {', '.join(running)}" if running else ""),
+                                 refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def follow(study: optuna.Study, spec: StudySpec, workers: list, poll: float = 2.0,
+           out: TextIO | None = None) -> None:
+    """Show the study's events until its budget is met or every worker has exited.
+
+    workers: service.launch.LocalWorker (a process, its log); a worker that exits with an error is
+    an event with the last ERROR line of its log.
+    """
+    out = out or sys.stdout
+    events = TrialEvents(spec, study.get_trials(deepcopy=False))
+    display = BarDisplay(out, spec) if out.isatty() else LineDisplay(out)
+    reported: set[int] = set()
     try:
         while True:
-            counts = trial_counts(study)
-            finished = sum(counts[s] for s in FINISHED)
-            bar.n = min(finished, spec.n_trials)
-            bar.set_postfix_str(progress_text(study, spec, counts), refresh=True)
-            if finished >= spec.n_trials or all(p.poll() is not None for p, _ in procs):
+            exited = [w for w in workers if w.proc.poll() is not None]  # before the snapshot: its last trials show
+            trials = study.get_trials(deepcopy=False)
+            for line in events.update(trials):
+                display.event(line)
+            for w in exited:
+                if w.index not in reported:
+                    reported.add(w.index)
+                    if w.failed:
+                        display.event(f"worker {w.index} {w.exit_text()}: {w.last_error()}")
+            display.status(study, spec, trials)
+            finished = sum(t.state in FINISHED for t in trials)
+            if finished >= spec.n_trials or len(exited) == len(workers):
                 break
             time.sleep(poll)
     finally:
-        bar.close()
+        display.close()
 
 
 def progress_text(study: optuna.Study, spec: StudySpec, counts) -> str:

@@ -198,15 +198,31 @@ class ArrayJob:
 
 
 class ArrayTask:
-    """One task, shaped like the worker processes service.progress.follow watches: poll() is None while
-    the task is pending or running, else its exit status."""
+    """One task, shaped like the local workers service.progress.follow watches (service.launch.LocalWorker):
+    `proc.poll()` is None while the task is pending or running, else its exit status."""
 
     def __init__(self, job: ArrayJob, index: int):
         self.job, self.index = job, index
 
+    @property
+    def proc(self) -> "ArrayTask":
+        return self
+
     def poll(self) -> int | None:
         task = self.job.refresh()[self.index]
         return None if not task.done else (task.exit_code or 0)
+
+    @property
+    def failed(self) -> bool:
+        task = self.job.refresh()[self.index]
+        return task.done and task.state in FAILED_STATES
+
+    def exit_text(self) -> str:
+        task = self.job.refresh()[self.index]
+        return f"(task {self.job.job_id}_{self.index}) ended {task.state} (exit {task.exit_code})"
+
+    def last_error(self) -> str:
+        return last_error_line(self.job.output_file(self.index)) or "no output"
 
 
 # ------------------------------------------------------------ submission
@@ -364,7 +380,7 @@ def run_array(study_arg: str, study: optuna.Study, spec: StudySpec, url: str, ar
     except SlurmError as exc:
         logger.error("%s", exc)
         return 2
-    tasks = [(ArrayTask(job, i), None) for i in range(job.n_tasks)]
+    tasks = [ArrayTask(job, i) for i in range(job.n_tasks)]
     try:
         follow(study, spec, tasks)
         if sum(trial_counts(study)[s] for s in FINISHED) >= spec.n_trials:

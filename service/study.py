@@ -67,11 +67,21 @@ SEED = bounded(int, 0, 2**31 - 1)  # numpy's and Optuna's samplers take 0 .. 2**
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:
     """The study-file overrides shared by worker.py and search.py."""
     group = parser.add_argument_group("overrides of the study file, recorded on the study")
-    group.add_argument("--n-trials", type=int, help="global budget of finished (complete or pruned) trials")
-    group.add_argument("--epochs", type=int, help="epochs per trial")
-    group.add_argument("--max-examples", type=int, help="examples per task and split (0 = all)")
-    group.add_argument("--model", help="HF model id or local folder")
-    group.add_argument("--data-dir", help="CS224N-format data folder")
+    group.add_argument("--n-trials", type=int,
+                       help="global budget of finished (complete or pruned) trials (default: the study file's)")
+    group.add_argument("--epochs", type=int, help="epochs per trial (default: the study file's)")
+    group.add_argument("--max-examples", type=int,
+                       help="examples per task and split, 0 = all (default: the study file's, else 0)")
+    group.add_argument("--model", help="HF model id or local folder (default: the study file's, else the packaged "
+                                       "all-MiniLM-L6-v2 or $MTBERT_DEFAULT_MODEL)")
+    group.add_argument("--data-dir", type=absolute_path,
+                       help="CS224N-format data folder (default: the study file's [train] data_dir, else "
+                            "$MTBERT_DATA_DIR, else ./data)")
+
+
+def absolute_path(text: str) -> str:
+    """A command-line path made absolute against the current directory: workers run elsewhere (cwd = repository)."""
+    return os.path.abspath(os.path.expanduser(text))
 
 
 def load_study_spec(name: str, args: argparse.Namespace) -> tuple[StudySpec, dict[str, Any]]:

@@ -23,6 +23,7 @@ from mtbert.config import TrainConfig, config_fields
 from mtbert.tasks import METRICS, TASK_TABLE
 
 STUDIES_DIR = Path(__file__).resolve().parent
+REPO_DIR = STUDIES_DIR.parent  # relative [train] data_dir values are resolved against it
 DIRECTIONS = ("maximize", "minimize")
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
             "grid": optuna.samplers.GridSampler}
@@ -261,6 +262,8 @@ class _Loader:
         train = self.table("train", raw.get("train", {}))
         for key, value in train.items():
             self.train_value(f"train.{key}", key, value)
+        if isinstance(train.get("data_dir"), str):  # a study names its data relative to the repository, not the cwd
+            train["data_dir"] = str(REPO_DIR / Path(train["data_dir"]).expanduser())
         self.check_config("train", train)
         space = {n: self.param(n, self.table(f"space.{n}", v), train)
                  for n, v in self.table("space", raw.get("space", {})).items()} or self.fail("space", "no parameters")

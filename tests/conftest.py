@@ -42,19 +42,25 @@ def _pg_engine(url: str):
 def pg_url() -> str:
     """URL of a reachable PostgreSQL database (role `mtbert`, may create databases)."""
     url = os.environ.get("MTBERT_TEST_PG_URL")
+    source = "MTBERT_TEST_PG_URL"
     if not url:
         script = str(ROOT / "storage" / "postgres.sh")
+        where = (f"MTBERT_PG_DIR={os.environ.get('MTBERT_PG_DIR', 'storage/pg')}, "
+                 f"MTBERT_PG_PORT={os.environ.get('MTBERT_PG_PORT', '5433')}")
         if subprocess.run([script, "status"], capture_output=True).returncode != 0:
-            _no_postgres("PostgreSQL not running: storage/postgres.sh start")
+            _no_postgres(f"PostgreSQL tests skipped: MTBERT_TEST_PG_URL is not set and no local server answers "
+                         f"storage/postgres.sh status ({where}); run storage/postgres.sh start, or set "
+                         f"MTBERT_TEST_PG_URL to a server's URL")
         url = subprocess.run([script, "url"], capture_output=True, text=True, check=True).stdout
         url = url.strip().splitlines()[-1]
+        source = f"storage/postgres.sh url ({where})"
     try:
         with _pg_engine(url).connect():
             pass
     except Exception as exc:  # noqa: BLE001 - any failure means "no server"
         from storage import redact
 
-        _no_postgres(f"PostgreSQL at {redact(url)} unreachable: {type(exc).__name__}")
+        _no_postgres(f"PostgreSQL tests skipped: {redact(url)} (from {source}) unreachable: {type(exc).__name__}")
     return url
 
 
@@ -115,5 +121,6 @@ def real_data_dir() -> Path:
     if not (folder / "quora-train.csv").is_file():
         if os.environ.get("CI") == "true":
             pytest.fail(f"the shared data set is missing at {folder}", pytrace=False)
-        pytest.skip(f"the shared data set is not at {folder}")
+        pytest.skip(f"real-data tests skipped: no CS224N data at {folder} (set MTBERT_DATA_DIR to the full data "
+                    f"folder, see README's Data section)")
     return folder

@@ -206,8 +206,8 @@ def test_report_numbers_come_from_the_storage_and_the_plots_are_real_images(reco
     images = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", text)
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     importances = len(complete) >= 2 and len({repr(t.params) for t in complete}) > 1
-    assert set(images) == {"optimization_history.png", "intermediate_values.png", "parallel_coordinate.png",
-                           *(["param_importances.png"] if importances else [])}, text
+    assert set(images) == {"history.png", "learning_curves.png", "task_curves.png", "params.png", "cost.png",
+                           *(["importances.png"] if importances else [])}, text
     assert importances or "Skipped: parameter importances need" in text
     for name in images:
         path = out / name
@@ -264,7 +264,7 @@ def test_report_skips_importances_with_a_reason_when_there_are_too_few_trials(tm
     text = (tmp_path / "out" / "report.md").read_text()
     assert "Skipped: parameter importances need at least 2 complete trials, the study has 1." in text
     assert "Compute saved: **2 epoch(s)**, 33.3% of the 6 epochs" in text
-    assert "![Intermediate values (pruned trials stop early)](intermediate_values.png)" in text
+    assert "![Learning curves](learning_curves.png)" in text
 
 
 # ------------------------------------------------------------ --export-best

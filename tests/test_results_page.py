@@ -138,3 +138,22 @@ def test_a_storage_password_never_reaches_the_page(tmp_path, monkeypatch):
     page = write_results_page(url, tmp_path / "r.md").read_text()
     assert "s3cr3t-pw" not in page
     assert "postgresql://mtbert:***@db.example:5432/mtbert" in page
+
+
+def test_rerunning_leaves_a_page_alone_when_only_its_timestamp_would_change(tiny_seed_lr, tmp_path):
+    """docs/results.md is tracked: `search.py --results` must not dirty it with a new timestamp alone."""
+    import re
+
+    from reports.results_page import update_results_page
+
+    out = tmp_path / "results.md"
+    assert update_results_page(tiny_seed_lr, out) == (out, True)
+    page = out.read_text()
+    old = re.sub(r" on \d{4}-\d\d-\d\d \d\d:\d\d UTC by ", " on 2020-01-01 00:00 UTC by ", page, count=1)
+    assert old != page
+    out.write_text(old)
+    assert update_results_page(tiny_seed_lr, out) == (out, False)
+    assert out.read_text() == old  # the old stamp stays: nothing else changed
+    out.write_text(old.replace("## Profile", "## Profile (edited)"))
+    assert update_results_page(tiny_seed_lr, out) == (out, True)
+    assert "(edited)" not in out.read_text()

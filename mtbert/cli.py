@@ -1,0 +1,64 @@
+"""The command lines of `python -m mtbert.train`, `mtbert.evaluate` and `mtbert.bench`.
+
+Kept free of torch (and of everything that imports it) so that each command answers `--help` and
+bad arguments in a fraction of a second: each module parses its arguments with these parsers at
+the top of its `__main__` run, before its own torch imports.
+"""
+from __future__ import annotations
+
+import argparse
+
+from .config import add_config_arguments
+
+DEVICE_HELP = "'auto' (the first GPU if there is one, else the CPU), 'cpu', 'cuda', 'cuda:1', ... (default: auto)"
+DATA_HELP = "folder of the CS224N-format files (default: $MTBERT_DATA_DIR, else ./data)"
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mtbert.train",
+        description="Fine-tune one BERT encoder on SST-5, Quora and STS-B at once; evaluate on dev after every "
+                    "epoch. The last line on stdout is the final metrics as JSON.")
+    add_config_arguments(parser)
+    parser.add_argument("--out", default=None,
+                        help="run folder for the checkpoint, config and metrics; the same command with the same "
+                             "--out resumes from its last finished epoch (default: no folder, nothing saved)")
+    parser.add_argument("--no-resume", dest="resume", action="store_false",
+                        help="start from scratch, replacing the checkpoint in --out (default: resume it if it is this "
+                             "run's; refuse another run's)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mtbert.evaluate",
+                                     description="Score a saved run on dev and write CS224N prediction files.")
+    parser.add_argument("--checkpoint", required=True, help="run folder written by mtbert.train (--out)")
+    parser.add_argument("--data-dir", default=None, help=DATA_HELP)
+    parser.add_argument("--out", default=None, help="where to write the CSVs (default: CHECKPOINT/predictions)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="sentences per evaluation forward pass (default: %(default)s)")
+    return parser
+
+
+def bench_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mtbert.bench", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default",
+                        help="encoder whose tokenizer (and weights) to use (default: the packaged all-MiniLM-L6-v2, "
+                             "or $MTBERT_DEFAULT_MODEL)")
+    parser.add_argument("--shapes", choices=["model", "bert-base"], default="model",
+                        help="'bert-base': a randomly initialised bert-base-sized encoder, for speed only "
+                             "(default: model)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16],
+                        help="examples per task per step (default: 16)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on CPU, 100 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3 CPU, 20 CUDA)")
+    parser.add_argument("--compile", action="store_true",
+                        help="CUDA: also measure the compiled step (largest batch size only: compiling is slow)")
+    parser.add_argument("--packing", action="store_true", help="CUDA: also measure the packed-input step")
+    parser.add_argument("--no-reference", action="store_true", help="skip the naive reference")
+    parser.add_argument("--data-dir", default=None, help=DATA_HELP + "; the train files are read")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    return parser
