@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -83,28 +82,10 @@ def _short(value: Any) -> str:
 # ------------------------------------------------------------------ identity
 
 
-def data_fingerprint(data_dir: str | os.PathLike) -> str:
-    """SHA-1 over the train and dev files of every task (what a run trains and is scored on)."""
-    from .data import task_path
-    from .tasks import TASKS
-
-    h = hashlib.sha1()
-    for task in TASKS:
-        for split in ("train", "dev"):
-            path = task_path(Path(data_dir), task, split)
-            h.update(f"{task}/{split}:".encode())
-            try:
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
-            except OSError:
-                h.update(b"<missing>")
-    return h.hexdigest()
-
-
 def run_settings(cfg) -> dict[str, Any]:
     """The settings of a TrainConfig that decide a run's result (see SPEED_FIELDS)."""
     from .config import resolve_data_dir, resolve_model_name
+    from .tasks import data_fingerprint
 
     settings = {k: v for k, v in cfg.to_dict().items() if k not in SPEED_FIELDS and k not in ("model", "data_dir")}
     settings["model"] = resolve_model_name(cfg.model)

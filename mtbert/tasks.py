@@ -7,8 +7,11 @@ CLIs can use the names without paying for it.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -191,3 +194,24 @@ TASK_METRICS: tuple[str, ...] = tuple(t.metric for t in TASK_TABLE.values())  # 
 SCORES: tuple[str, ...] = TASK_METRICS + ("overall",)  # what every trial records, per epoch and final
 SCORE_NAMES: dict[str, str] = {**{t.metric: t.metric_display for t in TASK_TABLE.values()}, "overall": "overall"}
 METRICS: tuple[str, ...] = ("overall", "overall_normalized") + TASK_METRICS  # what a study may optimise
+
+
+def data_fingerprint(data_dir: str | os.PathLike, splits: tuple[str, ...] = ("train", "dev")) -> str:
+    """SHA-1 over the train and dev files of every task (what a run trains and is scored on): the same
+    data at another path has the same fingerprint; a missing file counts as "<missing>"."""
+    h = hashlib.sha1()
+    for task in TASK_TABLE.values():
+        for split in splits:
+            h.update(f"{task.name}/{split}:".encode())
+            try:
+                with open(Path(data_dir) / task.file_name(split), "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+            except OSError:
+                h.update(b"<missing>")
+    return h.hexdigest()
+
+
+def has_data(data_dir: str | os.PathLike) -> bool:
+    """Whether any train or dev file of the tasks is in `data_dir`."""
+    return any((Path(data_dir) / t.file_name(s)).is_file() for t in TASK_TABLE.values() for s in ("train", "dev"))

@@ -113,6 +113,7 @@ def open_study(spec: StudySpec, url: str | None, overrides: dict[str, Any], seed
                                 f"in what changes results: {'; '.join(differences)} (restore these values, or "
                                 f"copy the file under a new name for a new study)")
     study_uuid(study)  # recorded now, before anything of the study is written to disk
+    check_data(study, spec)
     record = dict(overrides)
     if spec.n_trials != recorded_budget(study.user_attrs):
         record.setdefault("n_trials", spec.n_trials)  # a budget changed in the file is recorded like --n-trials
@@ -182,6 +183,34 @@ def run_id(study: optuna.Study, root: int) -> str:
 
 class StudyMismatch(StudySpecError):
     """The study file (with this command's overrides) differs from the spec recorded on the study."""
+
+
+DATA_ATTR = "data_fingerprint"
+
+
+def check_data(study: optuna.Study, spec: StudySpec) -> None:
+    """The data this command would train on must be the data the study was created with: compared by
+    content (mtbert.tasks.data_fingerprint), not by path, so nodes may mount it anywhere. The first
+    opener that has the data records its fingerprint; a node without the data is not checked here (its
+    worker stops with "file not found" before claiming a trial)."""
+    from mtbert.config import resolve_data_dir
+    from mtbert.tasks import data_fingerprint, has_data
+
+    data_dir = resolve_data_dir(spec.train.get("data_dir"))
+    if not has_data(data_dir):
+        return
+    local = data_fingerprint(data_dir)
+    recorded = study.user_attrs.get(DATA_ATTR)
+    if recorded is None:
+        with storage_lib.trial_slot_lock(optuna_compat.rdb_storage(study), study.study_name):
+            recorded = study.user_attrs.get(DATA_ATTR)
+            if recorded is None:
+                study.set_user_attr(DATA_ATTR, local)
+                return
+    if recorded != local:
+        raise StudyMismatch(f"the data in {data_dir} differs from the data study {study.study_name!r} was created "
+                            f"with (train/dev files' SHA-1 {local[:12]}, recorded {recorded[:12]}): point --data-dir "
+                            f"(or $MTBERT_DATA_DIR) at the study's data, or copy the study file under a new name")
 
 
 def recorded_budget(attrs: dict[str, Any]) -> int | None:

@@ -465,7 +465,9 @@ class _Loader:
 
 # TrainConfig fields that decide how a run goes, not what it computes: a worker on another machine may
 # differ in them from the study's recorded spec.
-RUNTIME_FIELDS = ("device", "eval_batch_size", "log_every", "compile")
+# not compared: how a run is executed, and where the data lives (nodes may mount it at different paths;
+# its content is compared instead: service.study.check_data)
+RUNTIME_FIELDS = ("device", "eval_batch_size", "log_every", "compile", "data_dir")
 # override flag of each overridable spec field, to say where a differing value came from
 _OVERRIDE_FLAGS = {"train.epochs": "--epochs", "train.max_examples": "--max-examples", "train.model": "--model",
                    "train.data_dir": "--data-dir", "n_trials": "--n-trials"}

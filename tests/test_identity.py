@@ -454,3 +454,21 @@ def test_a_retry_whose_checkpoint_is_damaged_restarts_from_scratch(tmp_path, tin
     assert retry.state == TrialState.COMPLETE  # the configuration is not abandoned
     assert "unreadable checkpoint" in retry.user_attrs["restarted_from_scratch"]
     assert retry.user_attrs.get("resumed_from_epoch") is None and len(retry.user_attrs["epoch_seconds"]) == 2
+
+
+def test_a_study_checks_its_data_by_content_not_by_path(tmp_path, tiny_model):
+    """Nodes may mount the data at different paths (the same files join the study); other data is refused."""
+    from service.study import StudyMismatch
+    from tiny import write_data
+
+    url = f"sqlite:///{tmp_path / 'data.db'}"
+    first = write_data(tmp_path / "here" / "data")
+    spec = load_spec(write_study(tmp_path, "moved", tiny_model, first, n_trials=2, epochs=1))
+    open_study(spec, url, {})
+    copy = write_data(tmp_path / "there" / "data")  # the same files at another path: same fingerprint
+    moved, _ = spec.with_overrides(data_dir=str(copy))
+    open_study(moved, url, {"data_dir": str(copy)})
+    other = write_data(tmp_path / "other" / "data", seed=1)  # other sentences
+    changed, _ = spec.with_overrides(data_dir=str(other))
+    with pytest.raises(StudyMismatch, match="differs from the data study 'moved' was created with"):
+        open_study(changed, url, {"data_dir": str(other)})
