@@ -80,7 +80,7 @@ def test_search_and_worker_show_their_defaults():
     assert "Exit status: 0 when the budget is met" in search
     worker = " ".join(run("worker.py", "--help").stdout.split())
     assert "stop after this many failed trials in a row (default: 3)" in worker
-    assert "wait between checks when all remaining trials run elsewhere (default: 5.0)" in worker
+    assert "wait between checks when all remaining trials run elsewhere (default: 5)" in worker
 
 
 def test_a_skipped_postgresql_group_says_why(tmp_path):
