@@ -6,7 +6,7 @@
     python search.py --study lr_dropout --status         # progress and leaderboard, runs nothing
     python search.py --study lr_dropout --dashboard      # optuna-dashboard on 127.0.0.1
     python search.py --study lr_dropout --report         # reports/lr_dropout/report.md and plots
-    python search.py --study lr_dropout --export-best DIR  # best checkpoint and CS224N predictions
+    python search.py --study lr_dropout --export-best DIR  # best checkpoint, CS224N predictions (dev, test, holdout/)
     python search.py --results                           # docs/results.md from the grid studies
 
 More workers on other machines join with worker.py against the same (PostgreSQL) storage.
@@ -48,7 +48,8 @@ def write_outputs(study: optuna.Study, spec: StudySpec, url: str, args: argparse
         print(f"report written to {write_report(study, spec, Path(args.out or ROOT / 'reports' / spec.name), url)}")
         return 0
     try:
-        print(f"best trial exported to {export_best(study, spec, Path(args.export_best), args.data_dir)}")
+        predict = [Path(p) for p in args.predict] if args.predict else None
+        print(f"best trial exported to {export_best(study, spec, Path(args.export_best), args.data_dir, predict)}")
     except ExportError as exc:
         logger.error("%s", exc)
         return 2
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--export-best", metavar="DIR",
                       help="copy the best trial's checkpoint to DIR and write its CS224N predictions")
     parser.add_argument("--out", default=None, help="report folder (default: reports/<study>/) or results page")
+    parser.add_argument("--predict", nargs="+", metavar="FILE", default=None,
+                        help="with --export-best: predict these CS224N-format files (default: every .csv in "
+                             "<data dir>/holdout/, when present)")
     parser.add_argument("--host", default="127.0.0.1", help="dashboard address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8080, help="dashboard port")
     add_override_arguments(parser)
@@ -109,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return write_results(url, Path(args.out or ROOT / "docs" / "results.md"))
     if not args.study:
         parser.error("--study is required (except with --results)")
+    if args.predict and not args.export_best:
+        parser.error("--predict goes with --export-best DIR")
     try:
         spec, overrides = load_study_spec(args.study, args)
         if args.dashboard:
