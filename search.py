@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     storage_lib.add_storage_arguments(parser)
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes here (default: one per visible GPU, else 1 on CPU)")
-    parser.add_argument("--workers-per-gpu", type=int, default=1, help="pack several trials on each GPU")
+    parser.add_argument("--workers-per-gpu", type=int, default=None,
+                        help="pack several trials on each GPU (default: chosen from GPU memory and encoder size, "
+                             "and logged; see service/launch.py default_workers_per_gpu)")
     parser.add_argument("--seed", type=int, default=None,
                         help="sampler seed: worker i gets SEED + i (default: the study file's, else random)")
     mode = parser.add_mutually_exclusive_group()
@@ -140,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         return write_outputs(study, spec, url, args)
 
     if not args.status:
-        devices = worker_devices(args.workers, args.workers_per_gpu)
+        batch = spec.space["batch_size"].high if "batch_size" in spec.space else spec.train.get("batch_size", 16)
+        devices = worker_devices(args.workers, args.workers_per_gpu, spec.train.get("model"), int(batch or 16),
+                                 spec.train.get("max_length", 128))
         log_dir = storage_lib.STORAGE_DIR / "logs" / spec.name
         procs = start_workers(args.study, url, devices, args, log_dir)
         try:
