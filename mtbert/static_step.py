@@ -119,22 +119,24 @@ def resolve_step(cfg: TrainConfig, device: torch.device) -> tuple[str, str | Non
 def compile_encoder(encoder: nn.Module, kind: str, device: torch.device) -> None:
     """torch.compile the encoder for step `kind`.
 
-    eager: dynamic shapes, as before. static: fixed shapes; on CUDA mode="reduce-overhead" (compile's
-    own CUDA graphs around the encoder's forward and backward). graphs: fixed shapes, default mode,
-    inside this module's whole-step graphs. Fixed shapes compile once per (rows, width): the
-    recompile limit is raised to the bound of the lr_dropout space (30) plus evaluation widths.
+    eager: dynamic shapes, as before. static: on CUDA mode="reduce-overhead" (compile's own CUDA
+    graphs around the encoder's forward and backward, one per shape). graphs: default mode, its
+    kernels inside this module's whole-step graphs. For both, torch's automatic dynamic shapes: the
+    first shape compiles static, a second one recompiles with the changing sizes symbolic, so a run
+    compiles about twice, not once per width; the recompile limit is raised to the shape bound of
+    the lr_dropout space (30) plus the evaluation widths in case that ever falls back to per-shape.
     """
     if kind == "eager":
         encoder.compile(dynamic=True)
         return
-    import torch._dynamo
+    from torch import _dynamo
 
     limit = len(training_shapes(range(8, 41, 8), 128)) + 2 * len(WIDTHS) + 4
     for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+        if hasattr(_dynamo.config, name):
+            setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), limit))
     mode = "reduce-overhead" if kind == "static" and device.type == "cuda" else None
-    encoder.compile(dynamic=False, mode=mode)
+    encoder.compile(mode=mode)
 
 
 # ------------------------------------------------------------------ statistics
