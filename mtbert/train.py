@@ -212,12 +212,15 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
             return results
     check_every = cfg.log_every if device.type == "cuda" else 1
     stats = StepStats(device)  # loss sum and first non-finite step, accumulated on the device
-    stepper = None
+    stepper = None  # None: the eager step (train_step)
     if kind != "eager":
-        stepper = StaticStep(model, optimizer, scheduler, train_data, cfg, amp, steps_per_epoch * cfg.epochs, stats,
-                             graphs=kind == "graphs", compiled=("reduce-overhead" if cfg.compile and kind == "static"
-                                                                and device.type == "cuda" else None))
-        logger.info("training step: %s", stepper.describe())
+        try:
+            compiled = "reduce-overhead" if cfg.compile and kind == "static" and device.type == "cuda" else None
+            stepper = StaticStep(model, optimizer, scheduler, train_data, cfg, amp, steps_per_epoch * cfg.epochs,
+                                 stats, graphs=kind == "graphs", compiled=compiled)
+            logger.info("training step: %s", stepper.describe())
+        except ValueError as exc:  # an optimizer or schedule the static step does not implement
+            logger.info("%s: eager step", exc)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
