@@ -200,7 +200,6 @@ def stage_epoch(plan: list[list[tuple[str, int]]], streams: dict[str, TaskStream
     return rows, counts, step_widths
 
 
-
 class StaticStep:
     """The static-shape multitask step (see the module docstring); `graphs=True` adds CUDA graphs.
 
@@ -257,6 +256,8 @@ class StaticStep:
         for p, state in self.optimizer.state.items():
             if "step" in state:  # a resumed eager run's step counts may sit on the host
                 state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+        # capturable AdamW warns when it steps outside a capture: the static step and the warm-up steps do that
+        self.optimizer._warned_capturable_if_run_uncaptured = True
 
     def end_epoch(self, step: int) -> None:
         """Leave the optimizer and scheduler as the eager step would: float lrs, scheduler at `step`."""
@@ -328,38 +329,56 @@ class StaticStep:
     # ---------------------------------------------------------- CUDA graphs
 
     def _graphed(self, width: int) -> None:
+        """A full step at `width`: warm up, capture, or replay (see the module docstring)."""
         full = (self.batch_size,) * len(TASKS)
         graph = self.graphs.get(width)
-        if graph is not None:
-            graph.replay()
-            return
-        if width not in self.warm:  # first full step at this width: a real step, eagerly, on a side stream
-            self.warm.add(width)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+        if graph is None:
+            if width not in self.warm:  # first full step at this width: a real step, eagerly, on a side stream
+                self.warm.add(width)
+                with self._side_stream():
+                    self._body(width, full)
+                return
+            graph = self._capture(width)
+            if graph is None:  # the capture failed: this and every later step run without graphs
                 self._body(width, full)
-            torch.cuda.current_stream(self.device).wait_stream(side)
+                return
+            self.graphs[width] = graph
+        graph.replay()  # right after a capture too: capturing only recorded the step
+
+    @contextlib.contextmanager
+    def _side_stream(self):
+        """Run the block on a side stream that waits for, and is waited for by, the current one
+        (CUDA's advice for the warm-up before a capture); on a CPU, just run it."""
+        if self.device.type != "cuda":
+            yield
             return
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            yield
+        current.wait_stream(side)
+
+    def _capture(self, width: int):
+        """Record one full step at `width` into a CUDA graph sharing the pool of the others; None
+        (graphs off for the rest of the run, with a warning) if something in the step cannot be captured."""
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool):
-                self._body(width, full)
+                self._body(width, (self.batch_size,) * len(TASKS))
         except torch.OutOfMemoryError:
             raise
-        except RuntimeError as exc:  # something in the step cannot be captured: go on without graphs
+        except RuntimeError as exc:
             self.graphs_on = False
             self.graph_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             logger.warning("CUDA graph capture failed at width %d (%s); the run goes on with the static step "
                            "without graphs", width, self.graph_error)
             with contextlib.suppress(RuntimeError):
                 torch.cuda.synchronize(self.device)
-            self._body(width, full)
-            return
+            return None
         if self.pool is None:
             self.pool = graph.pool()
-        self.graphs[width] = graph
-        graph.replay()  # the capture only recorded the step: this runs it
+        return graph
 
     def describe(self) -> str:
         """One line for the log: what this step does."""

@@ -46,14 +46,22 @@ export MTBERT_HEARTBEAT_INTERVAL=10 MTBERT_HEARTBEAT_GRACE=60
 SLOW=${SLOW:-1}                    # multiplies every stage's time limit (a dry run on a busy CPU: 6)
 if [ "$DRY" = 1 ]; then  # the same stages at toy sizes, on whatever device there is
   SLOW=${SLOW_DRY:-6}
+  # a copy of the data with the first DRY_ROWS rows of every file (holdout/ too): prediction of the
+  # full dev, test and holdout files alone takes minutes on a CPU
+  src=${MTBERT_DATA_DIR:-data}; dry_data="$STATE/dry-data"
+  rm -rf "$dry_data"; mkdir -p "$dry_data"
+  (cd "$src" && find . -name '*.csv') | while read -r f; do
+    mkdir -p "$dry_data/$(dirname "$f")"; head -n $(( ${DRY_ROWS:-60} + 1 )) "$src/$f" > "$dry_data/$f"
+  done
+  export MTBERT_DATA_DIR="$dry_data"
   BENCH_RUNS=${BENCH_RUNS:-"--steps 2 --warmup 1 --batch-sizes 8"}
   STUDY_ARGS=${STUDY_ARGS:-"--max-examples 16 --epochs 1 --n-trials 2"}
   GRID_ARGS=${GRID_ARGS:-"--max-examples 16 --epochs 1 --n-trials 2"}
-  PACK_NS=${PACK_NS_DRY:-1 2}; PACK_STEPS=2
+  PACK_NS=${PACK_NS_DRY:-1 2}; PACK_STEPS=2; PACK_WARMUP=1; PACK_BATCH=8
 else
   STUDY_ARGS=${STUDY_ARGS:-}
   GRID_ARGS=${GRID_ARGS:-"--epochs $EPOCHS"}
-  PACK_STEPS=${PACK_STEPS:-200}
+  PACK_STEPS=${PACK_STEPS:-200}; PACK_WARMUP=${PACK_WARMUP:-10}; PACK_BATCH=${PACK_BATCH:-16}
 fi
 
 log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
@@ -98,7 +106,9 @@ if [ ! -f "$GRID_DB" ] && [ -f "${RESUME_GRID_DB:-docs/results-$CARD.db}" ]; the
   cp "${RESUME_GRID_DB:-docs/results-$CARD.db}" "$GRID_DB"; log "grid storage resumed"
 fi
 
+pids=()
 finish() {  # always: make the storages self-contained, pack what goes back
+  [ ${#pids[@]} -gt 0 ] && kill "${pids[@]}" 2> /dev/null
   for db in "$DB" "$GRID_DB"; do
     [ -f "$db" ] || continue
     python3 -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).execute('PRAGMA wal_checkpoint(TRUNCATE)')" "$db"
@@ -178,20 +188,21 @@ if wanted pack; then
     rm -rf "$STATE/barrier-$n"; pids=()
     for i in $(seq 1 "$n"); do
       variant=graphs; [ "$CARD" = cpu ] && variant=static
-      timeout -s TERM -k 10 $(( $(left) > 5 ? $(left) : 5 )) python3 -m mtbert.bench --variants "$variant" --batch-sizes 16 \
-        --steps "$PACK_STEPS" --warmup 5 --no-check-sync --barrier "$STATE/barrier-$n:$n" \
+      timeout -s TERM -k 10 $(( $(left) > 5 ? $(left) : 5 )) python3 -m mtbert.bench --variants "$variant" \
+        --batch-sizes "$PACK_BATCH" --steps "$PACK_STEPS" --warmup "$PACK_WARMUP" --no-check-sync --barrier "$STATE/barrier-$n:$n" \
         --jsonl "$STATE/pack-$n.jsonl" >> "$LOG" 2>&1 &
       pids+=($!)
     done
     wait "${pids[@]}"
-    python3 - "$STATE/pack-$n.jsonl" "$n" "$DOCS/docs/bench/$CARD-$DATE.jsonl" "${MPS_STARTED}" <<'PY' | tee -a "$LOG"
-import json, sys
-path, n, out, mps = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
-rows = [json.loads(line) for line in open(path)] if __import__("os").path.exists(path) else []
+    python3 - "$STATE/pack-$n.jsonl" "$n" "$DOCS/docs/bench/$CARD-$DATE.jsonl" "${MPS_STARTED}" "$PACK_BATCH" <<'PY' | tee -a "$LOG"
+import json, os, sys
+path, n, out, mps, batch = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1", int(sys.argv[5])
+rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 total = sum(r["sentences_per_s"] for r in rows)
-summary = {"name": f"packed-processes", "processes": n, "measured": len(rows), "mps": mps,
+summary = {"name": "packed-processes", "processes": n, "measured": len(rows), "mps": mps,
            "sentences_per_s_total": round(total, 1), "variant": rows[0]["name"] if rows else None,
-           "batch_size": 16, "device": rows[0]["device"] if rows else None, "date": rows[0]["date"] if rows else None}
+           "batch_size": batch, "device": rows[0]["device"] if rows else None,
+           "date": rows[0]["date"] if rows else None}
 print(json.dumps(summary))
 with open(out, "a") as f:
     f.write(json.dumps(summary) + "\n")

@@ -51,9 +51,9 @@ def cfg_for(model: Path, data: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def per_step_losses(cfg: TrainConfig, kind: str, epochs: int):
+def per_step_losses(cfg: TrainConfig, kind: str, epochs: int, setup=None):
     """Train `epochs` epochs with the eager or the static step: the loss of every step, the model,
-    optimizer and scheduler."""
+    optimizer and scheduler. `setup(stepper)` may change the static step before it runs."""
     prepared = prepare(cfg)
     torch.manual_seed(cfg.seed)
     model = MultitaskBert(copy.deepcopy(prepared.encoder), cfg)
@@ -62,6 +62,8 @@ def per_step_losses(cfg: TrainConfig, kind: str, epochs: int):
     optimizer, scheduler = build_optimizer(model, cfg, torch.device("cpu"), steps_per_epoch * epochs)
     stats = StepStats(torch.device("cpu"))
     stepper = StaticStep(model, optimizer, scheduler, prepared.train, cfg, False, steps_per_epoch * epochs, stats)
+    if setup is not None:
+        setup(stepper)
     losses, step = [], 0
     for epoch in range(epochs):
         plan = epoch_plan(streams, True, epoch)
@@ -97,6 +99,71 @@ def test_static_step_has_the_eager_step_s_loss_trajectory(still_model, uneven_da
     for ga, gb in zip(eager_opt.param_groups, static_opt.param_groups):
         assert isinstance(gb["lr"], float) and gb["lr"] == pytest.approx(ga["lr"])
         assert (gb["fused"], gb["capturable"]) == (ga["fused"], ga["capturable"])
+
+
+class FakeGraph:
+    """Stands in for a captured CUDA graph on a CPU: a replay runs the recorded step again, reading
+    the static buffers anew, as a real replay does; the capture itself runs nothing."""
+
+    def __init__(self, stepper: StaticStep, width: int):
+        self.stepper, self.width, self.replays = stepper, width, 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.stepper._body(self.width, (self.stepper.batch_size,) * len(TASKS))
+
+
+def test_graph_bookkeeping_warms_up_captures_and_replays_each_width_once(still_model, uneven_data):
+    """The graphs path's control flow on a CPU, with the capture faked: the trajectory must stay the
+    eager step's (a capture that lost or doubled a step would change it)."""
+    captured, graphs, full_steps = [], {}, []
+
+    def fake_graphs(stepper):
+        def capture(width):
+            captured.append(width)
+            graphs[width] = FakeGraph(stepper, width)
+            return graphs[width]
+
+        graphed = stepper._graphed
+
+        def counted(width):
+            full_steps.append(width)
+            graphed(width)
+
+        stepper.graphs_on = True
+        stepper._capture = capture
+        stepper._graphed = counted
+
+    cfg = cfg_for(still_model, uneven_data)
+    eager = per_step_losses(cfg, "eager", epochs=2)[0]
+    losses, *_ = per_step_losses(cfg, "static", epochs=2, setup=fake_graphs)
+    np.testing.assert_allclose(losses, eager, rtol=2e-4, atol=1e-5)
+    assert sorted(captured) == sorted(set(full_steps))  # one capture per width
+    for width, graph in graphs.items():  # per width: one warm-up step, then every full step is a replay
+        assert graph.replays == full_steps.count(width) - 1
+    assert 0 < len(full_steps) < len(eager)  # short steps (7 STS rows, 8 Quora rows) never went to a graph
+
+
+def test_a_failed_capture_turns_graphs_off_and_training_goes_on(still_model, uneven_data, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    states = []
+
+    def graphs_on(stepper):
+        stepper.graphs_on = True
+        states.append(stepper)
+
+    cfg = cfg_for(still_model, uneven_data)
+    eager = per_step_losses(cfg, "eager", epochs=1)[0]
+    losses, *_ = per_step_losses(cfg, "static", epochs=1, setup=graphs_on)
+    np.testing.assert_allclose(losses, eager, rtol=2e-4, atol=1e-5)
+    stepper = states[0]
+    assert not stepper.graphs_on and "operation not permitted" in stepper.graph_error
+    assert "graphs off: RuntimeError" in stepper.describe()
 
 
 def test_padding_rows_of_a_short_batch_do_not_count(still_model, uneven_data):
