@@ -7,7 +7,7 @@
     python search.py --study lr_dropout --status         # progress and leaderboard, runs nothing
     python search.py --study lr_dropout --dashboard      # optuna-dashboard on 127.0.0.1
     python search.py --study lr_dropout --report         # reports/lr_dropout/report.md and plots
-    python search.py --study lr_dropout --export-best DIR  # best checkpoint and CS224N predictions
+    python search.py --study lr_dropout --export-best DIR  # best checkpoint, CS224N predictions (dev, test, holdout/)
     python search.py --results                           # docs/results.md from the grid studies
 
 More workers on other machines join with worker.py against the same (PostgreSQL) storage.
@@ -63,7 +63,8 @@ def write_outputs(study: optuna.Study, spec: StudySpec, url: str, args: argparse
         if problem := repository_target_problem(target):
             logger.error("%s", problem)
             return 2
-        print(f"best trial exported to {export_best(study, spec, target, args.data_dir)}")
+        predict = [Path(p) for p in args.predict] if args.predict else None
+        print(f"best trial exported to {export_best(study, spec, target, args.data_dir, predict)}")
     except ExportError as exc:
         logger.error("%s", exc)
         return 2
@@ -191,8 +192,9 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=bounded(int, 1), default=None,
                         help="worker processes here (default: one per visible GPU, else 1 on CPU); "
                              "with --launcher slurm: array tasks (required)")
-    parser.add_argument("--workers-per-gpu", type=bounded(int, 1), default=1,
-                        help="pack several trials on each GPU (default: 1)")
+    parser.add_argument("--workers-per-gpu", type=bounded(int, 1), default=None,
+                        help="pack several trials on each GPU (default: chosen from GPU memory and encoder size, "
+                             "and logged; see service/launch.py default_workers_per_gpu)")
     parser.add_argument("--seed", type=SEED, default=None,
                         help="sampler seed: worker i gets SEED + i (default: the study file's, else random)")
     mode = parser.add_mutually_exclusive_group()
@@ -206,6 +208,9 @@ def run(argv: list[str] | None = None) -> int:
                       help="copy the best trial's checkpoint to DIR and write its CS224N predictions")
     parser.add_argument("--out", default=None,
                         help="report folder (default: reports/<study>/) or results page (default: docs/results.md)")
+    parser.add_argument("--predict", nargs="+", metavar="FILE", default=None,
+                        help="with --export-best: predict these CS224N-format files (default: every .csv in "
+                             "<data dir>/holdout/, when present)")
     parser.add_argument("--host", default="127.0.0.1", help="dashboard address (default: loopback only)")
     parser.add_argument("--port", type=bounded(int, 1, 65535), default=8080, help="dashboard port (default: 8080)")
     add_slurm_arguments(parser)
@@ -227,6 +232,8 @@ def run(argv: list[str] | None = None) -> int:
         return write_results(url, Path(args.out or ROOT / "docs" / "results.md"))
     if not args.study:
         parser.error("--study is required (except with --results)")
+    if args.predict and not args.export_best:
+        parser.error("--predict goes with --export-best DIR")
     try:
         spec, overrides = load_study_spec(args.study, args)
         if args.dashboard:
@@ -262,7 +269,10 @@ def run(argv: list[str] | None = None) -> int:
     if not args.status and args.launcher == "slurm":
         status = run_array(args.study, study, spec, url, args)
     elif not args.status:
-        devices = worker_devices(args.workers, args.workers_per_gpu)
+        p = spec.space.get("batch_size")  # the largest batch a trial may take sizes the packing
+        batch = max(p.grid_values() or [p.high or 16]) if p else spec.train.get("batch_size", 16)
+        devices = worker_devices(args.workers, args.workers_per_gpu, spec.train.get("model"), int(batch or 16),
+                                 spec.train.get("max_length", 128))
         log_dir = storage_lib.STORAGE_DIR / "logs" / study_key(study)  # by identity: one folder per study
         workers = start_workers(args.study, url, devices, args, log_dir)
         _running[:] = workers

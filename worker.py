@@ -231,6 +231,8 @@ class Worker:
             for key, score in scores.items():
                 trial.set_user_attr(key, score)
             trial.set_user_attr("epochs_done", result.epoch)
+            if result.peak_memory_bytes is not None:  # CUDA: peak memory of this trial so far
+                trial.set_user_attr("peak_memory_bytes", result.peak_memory_bytes)
             trial.set_user_attr("epoch_seconds", epoch_seconds)
             per_epoch.append({"epoch": result.epoch, **scores, "seconds": round(result.seconds, 2)})
             trial.set_user_attr("history", per_epoch)

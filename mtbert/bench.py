@@ -1,22 +1,38 @@
-"""Training-throughput benchmark: the project's step against a naive CS224N-style step.
+"""Training-throughput benchmark: the project's steps against a naive CS224N-style step.
 
-    python -m mtbert.bench                                   # CPU, default MiniLM, batch 16/task
-    python -m mtbert.bench --shapes bert-base --batch-sizes 16 32 --compile   # on a GPU
+    python -m mtbert.bench                                   # CPU: reference, eager, static; MiniLM, batch 16
+    python -m mtbert.bench --shapes bert-base --batch-sizes 16 32 --compile --jsonl docs/bench/h200-DATE.jsonl
 
-The naive reference (written here, same model, data and process): fp32, tokenises its sentences
-every step, one encoder call per sentence list (5 per step), random batches, `.item()` every step.
-The project's step: pre-tokenised length-bucketed batches, bf16 autocast and fused AdamW on CUDA,
-no host sync per step; on CUDA one fused forward ("project") or sentences packed several to a row
-("project+packing"), optionally compiled. Prints one JSON line per measurement, then a table.
+Variants (same model, data and process; each starts from the same weights):
+  reference       naive: fp32, tokenises every step, one encoder call per sentence list (5 per step),
+                  random batches, `.item()` every step
+  eager           the project's eager step (`--step eager`): pre-tokenised length-bucketed batches, bf16
+                  autocast and fused AdamW on CUDA, one fused forward on CUDA (one per column on CPU)
+  packed          eager with several sentences per row (`--packing`, CUDA)
+  static          static shapes, staged batches, no host sync (`--step static`; mtbert.static_step)
+  graphs          static + CUDA graphs over the whole step (`--step graphs`, CUDA)
+  compile         static + torch.compile(mode="reduce-overhead") of the encoder (`--step static --compile`)
+  graphs+compile  graphs over the compiled encoder's kernels (`--step graphs --compile`)
+  eager+compile   the eager step with the encoder compiled with dynamic shapes (the previous --compile)
+The timed steps are the first --steps steps of an epoch. Eager and static warm up on --warmup steps;
+graphs and the compiled variants run the timed steps twice first, so that every width is compiled or
+captured before timing. On CUDA the timed steps run under torch.cuda.set_sync_debug_mode("warn") and
+each row says how many host syncs they made (`host_syncs`). One JSON line per measurement (also
+appended to --jsonl, with the device, versions, commit and load average), then a table.
 """
 from __future__ import annotations
 
 import copy
 import json
 import logging
+import os
+import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
 
 if __name__ == "__main__":  # answer --help and bad arguments before the torch import below (seconds)
     from mtbert.cli import bench_parser
@@ -26,17 +42,21 @@ if __name__ == "__main__":  # answer --help and bad arguments before the torch i
 import numpy as np
 import torch
 
+from .cli import BENCH_VARIANTS
 from .config import TrainConfig, resolve_data_dir, resolve_device
 from .data import RawTask, TaskStream, load_splits, read_task, task_path
 from .model import MultitaskBert, load_pretrained
 from .inputs import batch_pieces, encoder_tokens, input_mode
+from .static_step import StaticStep, StepStats, compile_encoder
 from .tasks import TASK_TABLE, TASKS
-from .train import build_optimizer, train_step
+from .train import build_optimizer, epoch_plan, train_step
 
 logger = logging.getLogger(__name__)
 
 # dense bf16 peak, TFLOP/s (for MFU); unknown devices report no MFU
 MODES = ("per_piece", "fused", "packed")  # mtbert.inputs: how a step's sentences reach the encoder
+VARIANTS = BENCH_VARIANTS  # (in mtbert.cli, where --help sees them without torch)
+CUDA_ONLY = ("packed", "graphs", "compile", "graphs+compile", "eager+compile")
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
@@ -51,6 +71,8 @@ class Measurement:
     flops: float
     # project variants: token positions the encoder computed in each input mode, over the same steps
     encoder_tokens: dict[str, int] = field(default_factory=dict)
+    host_syncs: int | None = None  # CUDA: syncs in the timed steps (set_sync_debug_mode("warn"))
+    peak_memory_bytes: int | None = None
 
     def row(self, peak: float | None) -> dict:
         tflops = self.flops / self.seconds / 1e12
@@ -60,7 +82,10 @@ class Measurement:
                 "model_tflops": round(tflops, 2), "mfu": round(tflops / peak, 4) if peak else None,
                 **({"encoder_tokens_per_real_token": {m: round(n / self.tokens, 3)
                                                       for m, n in self.encoder_tokens.items()}}
-                   if self.encoder_tokens else {})}
+                   if self.encoder_tokens else {}),
+                **({"host_syncs": self.host_syncs} if self.host_syncs is not None else {}),
+                **({"peak_memory_gib": round(self.peak_memory_bytes / 2 ** 30, 2)}
+                   if self.peak_memory_bytes is not None else {})}
 
 
 def flops_per_token(encoder, seq_len: float) -> float:
@@ -115,29 +140,114 @@ def run_reference(model, tokenizer, raw, cfg: TrainConfig, device, steps: int, w
     return Measurement("reference", cfg.batch_size, steps, seconds, sentences, tokens, 0.0)
 
 
-def run_project(model, data, cfg: TrainConfig, device, steps: int, warmup: int, name: str) -> Measurement:
+class _Stepper:
+    """The step of one variant behind one call: eager (train_step) or mtbert.static_step."""
+
+    def __init__(self, variant: str, model, data, cfg: TrainConfig, device, plan, streams, total_steps: int):
+        self.kind = {"static": "static", "compile": "static", "graphs": "graphs",
+                     "graphs+compile": "graphs"}.get(variant, "eager")
+        self.model, self.cfg, self.plan, self.streams, self.device = model, cfg, plan, streams, device
+        self.amp = cfg.amp and device.type == "cuda"
+        self.mode = input_mode(device, cfg.packing)
+        if variant.endswith("compile"):
+            compile_encoder(model.encoder, self.kind, device)
+        self.optimizer, self.scheduler = build_optimizer(model, cfg, device, total_steps)
+        self.static = None
+        if self.kind != "eager":
+            self.static = StaticStep(model, self.optimizer, self.scheduler, data, cfg, self.amp, total_steps,
+                                     StepStats(device), graphs=self.kind == "graphs",
+                                     compiled="reduce-overhead" if variant == "compile" else None)
+            self.static.begin_epoch(plan, streams, 0)
+
+    def __call__(self, i: int) -> None:
+        if self.static is not None:
+            self.static.step(i)
+        else:
+            batches = [self.streams[t].batch(s) for t, s in self.plan[i]]
+            train_step(self.model, self.optimizer, self.scheduler, self.streams, batches, self.amp,
+                       self.cfg.max_grad_norm, self.mode)
+
+
+def run_project(model, data, cfg: TrainConfig, device, steps: int, warmup: int, variant: str,
+                check_sync: bool, barrier: tuple[Path, int] | None = None) -> Measurement:
+    """Time `steps` steps of the variant's step (see the module docstring for the warm-up)."""
     round_to = 8 if device.type == "cuda" else 1
     streams = {t: TaskStream(data[t], cfg.batch_size, cfg.seed, round_to) for t in TASKS}
-    optimizer, scheduler = build_optimizer(model, cfg, device, total_steps=10 ** 9)
-    amp = cfg.amp and device.type == "cuda"
-    mode = input_mode(device, cfg.packing)
+    plan = epoch_plan(streams, True, 0)
+    if len(plan) < max(steps, warmup):
+        raise ValueError(f"an epoch has {len(plan)} steps at batch {cfg.batch_size}: lower --steps/--warmup")
+    shaped = variant in ("graphs", "compile", "graphs+compile", "eager+compile")
+    warm = [i for _ in range(2) for i in range(steps)] if shaped else list(range(warmup))
+    timed = list(range(steps))
+    step = _Stepper(variant, model, data, cfg, device, plan[:max(steps, warmup)], streams, len(warm) + steps + 1)
     model.train()
-    sentences = tokens = 0
-    slots = dict.fromkeys(MODES, 0)
-    for step in range(warmup + steps):
-        if step == warmup:
-            sync(device)
-            t0 = time.perf_counter()
-        batches = [streams[t].batch(step) for t in TASKS]
-        train_step(model, optimizer, scheduler, streams, batches, amp, cfg.max_grad_norm, mode)
-        if step >= warmup:  # counted on the host, from host-side lengths: no sync
-            pieces = [p for b in batches for p in batch_pieces(streams[b.task], b)]
-            sentences += sum(len(p.host_lengths) for p in pieces)
-            tokens += sum(int(p.host_lengths.sum()) for p in pieces)
-            for m in MODES:  # padding each input mode would have cost on these very steps
-                slots[m] += encoder_tokens(pieces, m)
+    for i in warm:
+        step(i)
+    if barrier is not None:
+        wait_at_barrier(*barrier)
     sync(device)
-    return Measurement(name, cfg.batch_size, steps, time.perf_counter() - t0, sentences, tokens, 0.0, slots)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    syncs = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if check_sync and device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        t0 = time.perf_counter()
+        for i in timed:
+            step(i)
+        if check_sync and device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+            syncs = sum("synchroniz" in str(w.message) for w in caught)
+        sync(device)
+        seconds = time.perf_counter() - t0
+    sentences = tokens = 0
+    slots = dict.fromkeys(MODES + ("static",), 0)
+    widths = step.static.step_widths if step.static is not None else None
+    for i in timed:  # counted on the host, from host-side lengths
+        batches = [streams[t].batch(s) for t, s in plan[i]]
+        pieces = [p for b in batches for p in batch_pieces(streams[b.task], b)]
+        sentences += sum(len(p.host_lengths) for p in pieces)
+        tokens += sum(int(p.host_lengths.sum()) for p in pieces)
+        for m in MODES:  # padding each input mode would have cost on these very steps
+            slots[m] += encoder_tokens(pieces, m)
+        if widths is not None:
+            slots["static"] += sum(len(p.host_lengths) for p in pieces) * widths[i]
+    if widths is None:
+        del slots["static"]
+    if step.static is not None and step.static.graph_error:
+        logger.warning("%s: graphs were turned off: %s", variant, step.static.graph_error)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return Measurement(variant, cfg.batch_size, steps, seconds, sentences, tokens, 0.0, slots, syncs, peak)
+
+
+def wait_at_barrier(folder: Path, processes: int, timeout: float = 600.0) -> None:
+    """Packing runs: every bench process times its steps at once, after all have warmed up."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"ready-{os.getpid()}").touch()
+    deadline = time.time() + timeout
+    while len(list(folder.glob("ready-*"))) < processes:
+        if time.time() > deadline:
+            raise TimeoutError(f"only {len(list(folder.glob('ready-*')))} of {processes} processes reached {folder}")
+        time.sleep(0.05)
+
+
+def environment(device: torch.device) -> dict:
+    """What a JSON row needs to be traced: versions, commit, time, and the load on the machine."""
+    import transformers
+
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=here, timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here, timeout=10).stdout.strip()
+        commit = f"{commit}+uncommitted" if commit and dirty else commit
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "torch": torch.__version__,
+            "transformers": transformers.__version__, "commit": commit,
+            "cpu_count": os.cpu_count(), "loadavg_1min": round(os.getloadavg()[0], 2)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,6 +261,20 @@ def main(argv: list[str] | None = None) -> None:
     cuda = device.type == "cuda"
     steps = args.steps or (100 if cuda else 20)
     warmup = args.warmup if args.warmup is not None else (20 if cuda else 3)
+    variants = list(VARIANTS if args.variants == ["all"] else args.variants or
+                    (["reference", "eager", "static"] + (["graphs"] if cuda else [])))
+    variants += [v for v in (["packed"] if args.packing else []) + (["compile", "graphs+compile"] if args.compile
+                                                                   else []) if v not in variants]
+    if args.no_reference and "reference" in variants:
+        variants.remove("reference")
+    skipped = [v for v in variants if v in CUDA_ONLY and not cuda]
+    if skipped:
+        logger.info("skipping %s: CUDA only", ", ".join(skipped))
+        variants = [v for v in variants if v not in skipped]
+    barrier = None
+    if args.barrier:
+        folder, _, n = args.barrier.rpartition(":")
+        barrier = (Path(folder), int(n))
     encoder, tokenizer = load_pretrained(args.model)
     if args.shapes == "bert-base":
         from transformers import BertConfig, BertModel
@@ -159,56 +283,68 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = resolve_data_dir(args.data_dir)
     train = load_splits(data_dir, tokenizer, ("train",))["train"]
     data = {t: d.to(device) for t, d in train.items()}
-    raw = {t: read_task(task_path(data_dir, t, "train"), t) for t in TASKS}
+    raw = {t: read_task(task_path(data_dir, t, "train"), t) for t in TASKS} if "reference" in variants else {}
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None) if cuda else None
     mean_len = float(np.mean(np.concatenate([c.lengths.numpy() for d in train.values() for c in d.columns])))
     per_token = flops_per_token(encoder, mean_len)
-    logger.info("device %s | encoder %.1fM params | %d timed steps after %d warm-up", name,
-                sum(p.numel() for p in encoder.parameters()) / 1e6, steps, warmup)
+    params = sum(p.numel() for p in encoder.parameters())
+    logger.info("device %s | encoder %.1fM params (%s) | variants %s | batch sizes %s | %d timed steps",
+                name, params / 1e6, args.shapes, " ".join(variants), " ".join(map(str, args.batch_sizes)), steps)
+    rerun = f"python -m mtbert.bench {' '.join(sys.argv[1:] if argv is None else argv)}".strip()
 
     rows = []
     for bs in args.batch_sizes:
-        variants = [] if args.no_reference else ["reference"]
-        variants += ["project"] + (["project+packing"] if cuda and args.packing else [])
-        if args.compile and cuda and bs == max(args.batch_sizes):  # compiling is slow: largest batch only
-            variants += ["project+compile"] + (["project+packing+compile"] if args.packing else [])
         for variant in variants:
-            cfg = TrainConfig(batch_size=bs, device=str(device), packing="packing" in variant)
+            if args.compile and variant.endswith("compile") and bs != max(args.batch_sizes):
+                continue  # --compile: the largest batch size only (compiling is slow)
+            cfg = TrainConfig(batch_size=bs, device=str(device), packing=variant == "packed")
             torch.manual_seed(0)
             model = MultitaskBert(copy.deepcopy(encoder), cfg).to(device)
+            load_before = os.getloadavg()[0]
             try:
                 if variant == "reference":
                     m = run_reference(model, tokenizer, raw, cfg, device, steps, warmup)
                 else:
-                    compiled = variant.endswith("compile")
-                    if compiled:
-                        model.encoder.compile(dynamic=True)
-                    m = run_project(model, data, cfg, device, steps, warmup + (30 if compiled else 0), variant)
+                    m = run_project(model, data, cfg, device, steps, warmup, variant, args.check_sync, barrier)
             except Exception as exc:  # one broken variant must not lose the others' numbers
                 logger.error("%s at batch %d failed: %s: %s", variant, bs, type(exc).__name__, exc)
                 continue
             finally:
                 del model
+                if variant.endswith("compile"):  # compiled graphs hold this model's weights
+                    from torch import _dynamo
+
+                    _dynamo.reset()
                 if cuda:
                     torch.cuda.empty_cache()
             m.flops = m.tokens * per_token
-            row = {"device": name, **m.row(peak)}
-            rows.append(row)
+            row = {"device": name, "encoder": args.shapes if args.shapes == "bert-base" else args.model,
+                   "params": params, **m.row(peak)}
             print(json.dumps(row), flush=True)
+            rows.append(row)
+            if args.jsonl:
+                env = environment(device)
+                env["loadavg_1min"] = [round(load_before, 2), env["loadavg_1min"]]  # before and after
+                Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps({**row, "warmup": warmup, **env, "rerun": rerun}) + "\n")
 
-    print(f"\n{'variant':<18}{'batch':>6}{'sent/s':>10}{'tok/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'x ref':>7}")
+    print(f"\n{'variant':<16}{'batch':>6}{'sent/s':>10}{'tok/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'x ref':>7}"
+          f"{'syncs':>7}")
     for r in rows:
         ref = next((x for x in rows if x["name"] == "reference" and x["batch_size"] == r["batch_size"]), None)
         ratio = r["sentences_per_s"] / ref["sentences_per_s"] if ref else float("nan")
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        print(f"{r['name']:<18}{r['batch_size']:>6}{r['sentences_per_s']:>10.0f}{r['tokens_per_s']:>11.0f}"
-              f"{r['model_tflops']:>9.1f}{mfu:>7}{ratio:>7.2f}")
+        print(f"{r['name']:<16}{r['batch_size']:>6}{r['sentences_per_s']:>10.0f}{r['tokens_per_s']:>11.0f}"
+              f"{r['model_tflops']:>9.1f}{mfu:>7}{ratio:>7.2f}{r.get('host_syncs', '-'):>7}")
     for r in rows:
         if "encoder_tokens_per_real_token" in r:
             ratios = ", ".join(f"{m} {v:.2f}" for m, v in r["encoder_tokens_per_real_token"].items())
             print(f"encoder token positions per real token at batch {r['batch_size']} ({r['name']}'s steps): {ratios}")
-    print(f"device: {name}; rerun: python -m mtbert.bench {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(f"device: {name}; load average (1 min) now {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; rerun: {rerun}")
+    if args.jsonl:
+        print(f"rows appended to {args.jsonl}")
 
 
 if __name__ == "__main__":

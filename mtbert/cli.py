@@ -30,11 +30,20 @@ def train_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what mtbert.bench can measure (here so that --help needs no torch)
+BENCH_VARIANTS = ("reference", "eager", "packed", "static", "graphs", "compile", "graphs+compile", "eager+compile")
+
+
 def evaluate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mtbert.evaluate",
-                                     description="Score a saved run on dev and write CS224N prediction files.")
+                                     description="Score a saved run on dev and write CS224N prediction files, "
+                                                 "or predict given files.")
     parser.add_argument("--checkpoint", required=True, help="run folder written by mtbert.train (--out)")
-    parser.add_argument("--data-dir", default=None, help=DATA_HELP)
+    parser.add_argument("--data-dir", default=None,
+                        help=DATA_HELP + "; its dev and test-student files are scored and predicted (not with --predict)")
+    parser.add_argument("--predict", nargs="+", metavar="FILE", default=None,
+                        help="predict these CS224N-format files instead (task from columns and name; e.g. "
+                             "../shared/data/holdout/*-holdout-student.csv -> {sst,para,sts}-holdout-output.csv)")
     parser.add_argument("--out", default=None, help="where to write the CSVs (default: CHECKPOINT/predictions)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--batch-size", type=int, default=256,
@@ -54,11 +63,18 @@ def bench_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16],
                         help="examples per task per step (default: 16)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on CPU, 100 on CUDA)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3 CPU, 20 CUDA)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first, eager-like variants (default: 3 CPU, 20 CUDA)")
     parser.add_argument("--compile", action="store_true",
-                        help="CUDA: also measure the compiled step (largest batch size only: compiling is slow)")
+                        help="CUDA: also measure compile and graphs+compile, at the largest batch size (compiling is slow)")
     parser.add_argument("--packing", action="store_true", help="CUDA: also measure the packed-input step")
+    parser.add_argument("--variants", nargs="+", choices=BENCH_VARIANTS + ("all",), default=None,
+                        help="what to measure (default: reference eager static, and graphs on CUDA)")
     parser.add_argument("--no-reference", action="store_true", help="skip the naive reference")
+    parser.add_argument("--no-check-sync", dest="check_sync", action="store_false",
+                        help="CUDA: do not count host syncs in the timed steps")
+    parser.add_argument("--jsonl", default=None, help="append every row, with its environment, to this file")
+    parser.add_argument("--barrier", default=None, metavar="DIR:N",
+                        help="packing runs: wait until N processes have warmed up (files in DIR) before timing")
     parser.add_argument("--data-dir", default=None, help=DATA_HELP + "; the train files are read")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     return parser

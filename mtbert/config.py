@@ -87,6 +87,9 @@ class TrainConfig:
                                 "padding the step to its longest sentence")
     eval_batch_size: int = _opt(256, "sentences per evaluation forward pass")
     log_every: int = _opt(50, "steps between loss/NaN checks on CUDA (each one syncs the GPU)")
+    step: str = _opt("auto", "how a training step runs: 'eager' (one kernel launch at a time), 'static' "
+                             "(bucketed widths, batches staged on the device, no host sync), 'graphs' (static + "
+                             "CUDA graphs; CUDA only), 'auto' (graphs on CUDA, eager on CPU); mtbert.static_step")
 
     def replace(self, **changes: Any) -> "TrainConfig":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -114,6 +117,7 @@ class TrainConfig:
             (self.max_length >= 8, "max_length must be >= 8"),
             (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)"),
             (device_problem(self.device) is None, device_problem(self.device) or ""),
+            (self.step in ("auto", "eager", "static", "graphs"), "step must be 'auto', 'eager', 'static' or 'graphs'"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,6 +1,11 @@
-"""Dev metrics and CS224N-format predictions; `python -m mtbert.evaluate --checkpoint DIR`."""
+"""Dev metrics and CS224N-format predictions.
+
+    python -m mtbert.evaluate --checkpoint DIR                  # dev metrics; dev + test-student CSVs
+    python -m mtbert.evaluate --checkpoint DIR --predict FILE... --out OUT   # any CS224N-format files
+"""
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import sys
@@ -15,10 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import DataError, TaskData, joint_inputs, load_task, sorted_batches, task_path
+from .data import DataError, TaskData, encode, joint_inputs, load_task, read_task, sorted_batches, task_path
 from .inputs import Piece, embed_pieces, input_mode
 from .methods import head_output
-from .tasks import TASK_TABLE, TASKS
+from .static_step import bucket
+from .tasks import TASK_TABLE, TASKS, task_of_file
 
 logger = logging.getLogger(__name__)
 
@@ -46,28 +52,40 @@ def summarize(scores: dict[str, float]) -> dict[str, float]:
 
 @torch.inference_mode()
 def predict(model: nn.Module, data: TaskData, batch_size: int = 256, amp: bool = False,
-            mode: str | None = None) -> np.ndarray:
-    """Predictions in data order: class ids (SST), 0/1 (Quora) or 0-5 scores (STS)."""
+            mode: str | None = None, widths: tuple[int, ...] | None = None) -> np.ndarray:
+    """Predictions in data order: class ids (SST), 0/1 (Quora) or 0-5 scores (STS).
+
+    Batches hold examples of similar length. With `widths` (the static step's) every forward has
+    the same number of rows (the last batch is padded with copies of a row, whose outputs are
+    dropped) and a width from `widths`, all columns in one forward: at most len(widths) shapes.
+    """
     model.eval()
     device = data.columns[0].ids.device
     mode = mode or input_mode(device, packing=False)
     per_batch = max(1, batch_size // len(data.columns))
-    outputs = []
     order = sorted_batches(data.max_lengths, per_batch)
     column_lengths = [c.lengths.cpu().numpy() for c in data.columns]
     pair_lengths = None if data.pair is None else data.pair.lengths.cpu().numpy()
+    # with widths, every batch padded to per_batch rows with copies of its first row
+    batches = [np.concatenate([b, np.full(per_batch - len(b), b[0])]) for b in order] if widths else order
+    staged = torch.from_numpy(np.concatenate(batches)).to(device)  # every batch's rows in one copy
     task = TASK_TABLE[data.task]
-    for b in order:
-        rows = torch.from_numpy(b).to(device)
-        pieces = [Piece(c, rows, int(n[b].max()), n[b]) for c, n in zip(data.columns, column_lengths)]
+    outputs, start = [], 0
+    for b, padded_b in zip(order, batches):
+        rows = staged[start:start + len(padded_b)]
+        start += len(padded_b)
         vecs = joint = None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             if model.uses_vectors(data.task):
-                vecs = [v.float() for v in embed_pieces(model, pieces, mode)]
+                longest = max(int(lengths[b].max()) for lengths in column_lengths)
+                width = bucket(longest, widths) if widths else None
+                pieces = [Piece(c, rows, width or int(lengths[b].max()), lengths[padded_b])
+                          for c, lengths in zip(data.columns, column_lengths)]
+                vecs = [v.float() for v in embed_pieces(model, pieces, "fused" if widths else mode)]
             if model.uses_joint(data.task):  # cross-encoding: the joint "[CLS] s1 [SEP] s2" inputs
                 length = int(pair_lengths[b].max())
                 joint = model.embed(*joint_inputs(data.pair, rows, length)).float()
-        outputs.append(task.predict(head_output(model, task, vecs, joint)).float())
+        outputs.append(task.predict(head_output(model, task, vecs, joint)).float()[:len(b)])
     pred = torch.cat(outputs).cpu().numpy()
     result = np.empty_like(pred)
     result[np.concatenate(order)] = pred
@@ -80,9 +98,10 @@ def score(task: str, pred: np.ndarray, labels: torch.Tensor) -> float:
 
 
 def evaluate(model: nn.Module, dev: dict[str, TaskData], batch_size: int = 256, amp: bool = False,
-             mode: str | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+             mode: str | None = None, widths: tuple[int, ...] | None = None
+             ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Dev metrics of all three tasks (see summarize) and the predictions they were computed from."""
-    predictions = {t: predict(model, dev[t], batch_size, amp, mode) for t in TASKS}
+    predictions = {t: predict(model, dev[t], batch_size, amp, mode, widths) for t in TASKS}
     scores = {t: score(t, predictions[t], dev[t].labels) for t in TASKS}
     return summarize(scores), predictions
 
@@ -94,6 +113,68 @@ def write_predictions(path: Path, task: str, ids: list[str], pred: np.ndarray) -
         f.write(f"id \t {spec.output_header} \n")
         for i, p in zip(ids, pred):
             f.write(f"{i} , {spec.format_prediction(p)} \n")
+
+
+def output_name(task: str, file_name: str) -> str:
+    """The CS224N prediction file name for a data file of `task`.
+
+    A name in the task's own pattern keeps its split, less a trailing "-student":
+    ids-sst-test-student.csv -> sst-test-output.csv, quora-holdout-student.csv ->
+    para-holdout-output.csv, sts-dev.csv -> sts-dev-output.csv. Any other name keeps its stem:
+    my-pairs.csv (STS) -> sts-my-pairs-output.csv.
+    """
+    spec = TASK_TABLE[task]
+    prefix, suffix = spec.file.split("{split}")
+    name = Path(file_name).name
+    if name.startswith(prefix) and name.endswith(suffix) and len(name) > len(prefix) + len(suffix):
+        tag = name[len(prefix):len(name) - len(suffix)]
+    else:
+        tag = Path(name).stem
+    return f"{spec.output_stem}-{tag.removesuffix('-student')}-output.csv"
+
+
+def file_task(path: Path) -> str:
+    """The task of a CS224N-format file, from its header and name (tasks.task_of_file); DataError if none."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f, delimiter="\t"), [])
+    try:
+        return task_of_file(path.name, [c.strip() for c in header])
+    except ValueError as exc:
+        raise DataError(f"{path}: {exc}") from None
+
+
+def predict_unlabelled(model: nn.Module, tokenizer, paths: list[Path], out_dir: Path, max_length: int = 128,
+                       batch_size: int = 256, device: torch.device = torch.device("cpu"),
+                       amp: bool = False) -> dict[str, dict]:
+    """Predict every file of `paths` (any CS224N-format file, labelled or not; its task from its columns
+    and name) into out_dir/<output_name>; malformed rows are skipped with one warning per file.
+
+    Every file is checked before any is written: a file that fits no task, or two files that would
+    write the same output, is one DataError. Returns {file: {"task", "output", "rows", "skipped"}}.
+    """
+    paths = [Path(p) for p in paths]
+    tasks = [file_task(p) for p in paths]
+    names = [output_name(t, p.name) for t, p in zip(tasks, paths)]
+    for name in set(names):
+        clash = [str(p) for p, n in zip(paths, names) if n == name]
+        if len(clash) > 1:
+            raise DataError(f"{' and '.join(clash)} would both be written to {name}; rename one")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for path, task, name in zip(paths, tasks, names):
+        raw = read_task(path, task, labelled=False)
+        if not raw.ids:
+            raise DataError(f"{path}: no usable rows")
+        data = TaskData(task, raw.ids, [encode(c, tokenizer, max_length) for c in raw.sentences], None,
+                        raw.skipped).to(device)
+        write_predictions(out_dir / name, task, data.ids, predict(model, data, batch_size, amp))
+        written[str(path)] = {"task": task, "output": str(out_dir / name), "rows": len(raw.ids),
+                              "skipped": raw.skipped}
+        logger.info("%s (%s): %d predictions in %s%s", path, TASK_TABLE[task].display, len(raw.ids), out_dir / name,
+                    f", {raw.skipped} malformed row(s) skipped" if raw.skipped else "")
+    return written
 
 
 def predict_files(model: nn.Module, tokenizer, data_dir: Path, out_dir: Path, max_length: int = 128,
@@ -112,7 +193,7 @@ def predict_files(model: nn.Module, tokenizer, data_dir: Path, out_dir: Path, ma
                 continue
             data = load_task(data_dir, task, split, tokenizer, max_length).to(device)
             pred = predict(model, data, batch_size, amp)
-            name = f"{TASK_TABLE[task].output_stem}-{split.split('-')[0]}-output.csv"
+            name = output_name(task, task_path(data_dir, task, split).name)
             write_predictions(out_dir / name, task, data.ids, pred)
             if split == "dev":
                 scores[task] = score(task, pred, data.labels)
@@ -132,13 +213,17 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else Path(args.checkpoint) / "predictions"
     try:
         model, tokenizer, cfg = load_model(Path(args.checkpoint), device)
-        metrics = predict_files(model, tokenizer, resolve_data_dir(args.data_dir), out, cfg.max_length,
-                                args.batch_size, device, amp=device.type == "cuda")
+        if args.predict:
+            result = predict_unlabelled(model, tokenizer, [Path(p) for p in args.predict], out, cfg.max_length,
+                                        args.batch_size, device, amp=device.type == "cuda")
+        else:
+            result = predict_files(model, tokenizer, resolve_data_dir(args.data_dir), out, cfg.max_length,
+                                   args.batch_size, device, amp=device.type == "cuda")
     except (FileNotFoundError, DataError, CheckpointUnreadable) as exc:
         logger.error("%s", exc)
         sys.exit(1)
     logger.info("predictions written to %s", out)
-    print(json.dumps(metrics))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

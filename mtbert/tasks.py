@@ -215,3 +215,32 @@ def data_fingerprint(data_dir: str | os.PathLike, splits: tuple[str, ...] = ("tr
 def has_data(data_dir: str | os.PathLike) -> bool:
     """Whether any train or dev file of the tasks is in `data_dir`."""
     return any((Path(data_dir) / t.file_name(s)).is_file() for t in TASK_TABLE.values() for s in ("train", "dev"))
+
+
+def task_of_file(file_name: str, columns) -> str:
+    """The task an unlabelled (or labelled) CS224N-format file belongs to, from its columns and name.
+
+    The columns decide when they fit one task (SST: id, sentence); Quora and STS share theirs (id,
+    sentence1, sentence2), so then a word of the file name decides: a task's name, output stem or
+    report key ("sst"; "quora" or "para"; "sts"). Raises ValueError saying what did not fit.
+    """
+    import re
+
+    present = set(columns)
+    fits = [t.name for t in TASK_TABLE.values() if {"id", *t.sentence_columns} <= present]
+    words = set(re.split(r"[^a-z0-9]+", file_name.lower()))
+    named = [t.name for t in TASK_TABLE.values() if words & {t.name, t.output_stem, t.report_key}]
+    expected = "; ".join(f"{t.display}: id, {', '.join(t.sentence_columns)}" for t in TASK_TABLE.values())
+    if not fits:
+        shown = ", ".join(c for c in columns if c) or "none"
+        raise ValueError(f"its columns ({shown}) match no task (expected {expected})")
+    chosen = [t for t in fits if t in named]
+    if len(fits) == 1 and (not named or chosen):
+        return fits[0]
+    if len(chosen) == 1:
+        return chosen[0]
+    if named and not chosen:
+        raise ValueError(f"its name says {' or '.join(named)} but its columns fit {' or '.join(fits)}")
+    raise ValueError(f"its columns fit {' and '.join(fits)}: put one of "
+                     f"{', '.join(repr(w) for t in fits for w in sorted({t, TASK_TABLE[t].output_stem}))} "
+                     "in the file name")

@@ -6,6 +6,8 @@ The multitask methods (task sampling, loss weighting, PCGrad, pair encoding, los
 lr decay; mtbert.methods) change what a step trains on and how its loss and gradient are formed.
 After every epoch: evaluate on dev, checkpoint, then call the caller's callback (which may stop
 training, e.g. to prune). The loop never syncs with the GPU except every `log_every` steps.
+`--step` picks how a step runs: eager (train_step below), or static shapes with or without CUDA
+graphs (mtbert.static_step); 'auto' is graphs on CUDA, eager on CPU.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from .inputs import batch_pieces, embed_pieces, input_mode
 from .methods import (DEFAULTS, cosine_factor, head_output, layer_depth, layer_lr_scale, pcgrad_backward,
                       smart_regularizer, task_loss, task_plan, weigh_losses)
 from .model import MultitaskBert, load_pretrained
+from .static_step import StaticStep, StepStats, compile_encoder, resolve_step
 from .tasks import TASK_TABLE, TASKS
 
 logger = logging.getLogger(__name__)
@@ -63,6 +66,7 @@ class EpochResult:
     seconds: float  # wall time of the epoch, training and evaluation
     step: int  # optimizer steps so far
     resumed: bool = False  # True: replayed from a checkpoint, not trained in this call
+    peak_memory_bytes: int | None = None  # CUDA: peak memory allocated by this process so far in the run
     # dev predictions behind `metrics` (task -> array in dev order); None for replayed epochs
     predictions: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
@@ -253,8 +257,11 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
     steps_per_epoch = len(epoch_plan(streams, cfg.multitask, 0, cfg.task_sampling, cfg.epochs, cfg.seed))
     mode = input_mode(device, cfg.packing)
     optimizer, scheduler = build_optimizer(model, cfg, device, steps_per_epoch * cfg.epochs)
+    kind, note = resolve_step(cfg, device)
+    if note:
+        logger.info("%s", note)
     if cfg.compile:
-        model.encoder.compile(dynamic=True)
+        compile_encoder(model.encoder, kind, device)
 
     out = Path(out_dir) if out_dir is not None else None
     identity = run_identity(cfg, run_id) if out is not None else None
@@ -285,32 +292,50 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
         if callback is not None and callback(r):
             return results
     check_every = cfg.log_every if device.type == "cuda" else 1
+    stats = StepStats(device)  # loss sum and first non-finite step, accumulated on the device
+    stepper = None  # None: the eager step (train_step)
+    if kind != "eager":
+        try:
+            compiled = "reduce-overhead" if cfg.compile and kind == "static" and device.type == "cuda" else None
+            stepper = StaticStep(model, optimizer, scheduler, train_data, cfg, amp, steps_per_epoch * cfg.epochs,
+                                 stats, graphs=kind == "graphs", compiled=compiled)
+            logger.info("training step: %s", stepper.describe())
+        except ValueError as exc:  # an optimizer or schedule the static step does not implement
+            logger.info("%s: eager step", exc)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
         plan = epoch_plan(streams, cfg.multitask, epoch, cfg.task_sampling, cfg.epochs, cfg.seed)
-        loss_sum = torch.zeros((), device=device)
-        flags: list[torch.Tensor] = []
+        stats.reset()
+        if stepper is not None:
+            stepper.begin_epoch(plan, streams, step)  # the epoch's batches go to the device in one copy
         bar = tqdm(plan, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=not progress,
                    leave=False, dynamic_ncols=True)
         for i, tasks in enumerate(bar):
-            batches = [streams[t].batch(s) for t, s in tasks]
-            loss = train_step(model, optimizer, scheduler, streams, batches, amp, cfg.max_grad_norm, mode, cfg)
+            if stepper is not None:
+                stepper.step(i)  # queues the step (one graph replay with CUDA graphs); never waits
+            else:
+                batches = [streams[t].batch(s) for t, s in tasks]
+                loss = train_step(model, optimizer, scheduler, streams, batches, amp, cfg.max_grad_norm, mode, cfg)
+                stats.add(loss, step + 1)
             step += 1
-            loss_sum += loss
-            flags.append(~torch.isfinite(loss))
-            if len(flags) >= check_every or i == len(plan) - 1:
-                bad = torch.stack(flags)
-                if bool(bad.any()):  # the only host sync of the loop
-                    raise NonFiniteLossError(step - len(flags) + int(bad.nonzero()[0, 0]) + 1, epoch + 1)
-                flags.clear()
+            if (i + 1) % check_every == 0 or i == len(plan) - 1:
+                bad = stats.first_nonfinite()  # SYNC: the loop's only wait for the device
+                if bad is not None:
+                    raise NonFiniteLossError(bad, epoch + 1)
                 if progress:
-                    bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.3f}", refresh=False)
+                    bar.set_postfix(loss=f"{stats.mean(i + 1):.3f}", refresh=False)
         bar.close()
-        metrics, predictions = evaluate(model, dev_data, cfg.eval_batch_size, amp, mode)
-        result = EpochResult(epoch + 1, metrics, loss_sum.item() / max(1, len(plan)), time.perf_counter() - t0, step,
-                             predictions=predictions)
+        if stepper is not None:
+            stepper.end_epoch(step)  # optimizer and scheduler as the eager step leaves them
+        metrics, predictions = evaluate(model, dev_data, cfg.eval_batch_size, amp, mode,
+                                        widths=stepper.widths if stepper is not None else None)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        result = EpochResult(epoch + 1, metrics, stats.mean(len(plan)), time.perf_counter() - t0, step,
+                             peak_memory_bytes=peak, predictions=predictions)
         history.append({k: v for k, v in result.to_dict().items() if k != "resumed"})
         results.append(result)
         scores = " ".join(f"{t} {metrics[TASK_TABLE[t].metric]:.3f}" for t in TASKS)

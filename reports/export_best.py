@@ -3,7 +3,9 @@
     python search.py --study lr_dropout --export-best DIR
 
 DIR/checkpoint/     a copy of the best complete trial's run folder (loads with mtbert.checkpoint.load_model)
-DIR/predictions/    sst/para/sts-dev-output.csv and -test-output.csv for the data files that exist
+DIR/predictions/    sst/para/sts-dev-output.csv and -test-output.csv for the data files that exist, and
+                    predictions of <data dir>/holdout/*.csv (or of --predict FILE...), e.g.
+                    sst/para/sts-holdout-output.csv (mtbert.evaluate.output_name)
 DIR/best_trial.json trial number, value, params, and the dev metrics of the written predictions
 
 The checkpoint is found from the study's identity (service.study.trial_dir: the checkpoint root, the
@@ -30,15 +32,18 @@ class ExportError(RuntimeError):
     """Nothing to export; the message says why."""
 
 
-def export_best(study: optuna.Study, spec: StudySpec, out_dir: Path, data_dir: str | Path | None = None) -> Path:
-    """Copy the best complete trial's checkpoint to out_dir and write its dev/test-student predictions.
+def export_best(study: optuna.Study, spec: StudySpec, out_dir: Path, data_dir: str | Path | None = None,
+                predict: list[Path] | None = None) -> Path:
+    """Copy the best complete trial's checkpoint to out_dir and write its dev/test-student predictions,
+    and predictions of `predict` (default: every .csv in <data dir>/holdout/, when that folder exists).
 
     data_dir: default the trial's config data_dir, else $MTBERT_DATA_DIR, else ./data. The predictions
     cover the full data files (the search itself may have scored a max_examples-capped dev set).
     """
     from mtbert.checkpoint import CheckpointUnreadable, checkpoint_identity, load_model
     from mtbert.config import resolve_data_dir
-    from mtbert.evaluate import predict_files
+    from mtbert.data import DataError
+    from mtbert.evaluate import predict_files, predict_unlabelled
     from mtbert.config import resolve_device
 
     best = best_trial(study, spec)
@@ -74,9 +79,17 @@ def export_best(study: optuna.Study, spec: StudySpec, out_dir: Path, data_dir: s
     except CheckpointUnreadable as exc:
         raise ExportError(str(exc)) from None
     data = resolve_data_dir(str(data_dir) if data_dir else cfg.data_dir)
+    amp = cfg.amp and device.type == "cuda"
     metrics = predict_files(model, tokenizer, data, out_dir / "predictions", cfg.max_length, cfg.eval_batch_size,
-                            device, amp=cfg.amp and device.type == "cuda")
+                            device, amp=amp)
+    files = predict if predict is not None else sorted((data / "holdout").glob("*.csv"))
+    try:
+        extra = predict_unlabelled(model, tokenizer, list(files), out_dir / "predictions", cfg.max_length,
+                                   cfg.eval_batch_size, device, amp=amp) if files else {}
+    except DataError as exc:
+        raise ExportError(str(exc)) from None
     summary = {"study": study.study_name, "trial": best.number, spec.metric: best.value, "params": best.params,
-               "data_dir": str(data), "full_dev_metrics": metrics}
+               "data_dir": str(data), "full_dev_metrics": metrics,
+               "predicted": {f: Path(v["output"]).name for f, v in extra.items()}}
     (out_dir / "best_trial.json").write_text(json.dumps(summary, indent=2))
     return out_dir

@@ -72,7 +72,7 @@ def check_arguments(args: argparse.Namespace, url: str) -> str | None:
         return None
     if args.workers is None or args.workers < 1:
         return "--launcher slurm needs --workers N (the number of array tasks, one worker each)"
-    if args.workers_per_gpu != 1:
+    if args.workers_per_gpu not in (None, 1):
         return "--workers-per-gpu is for the local launcher; with SLURM one task is one worker on one GPU"
     parsed = _parse(url)
     if parsed is None or parsed.get_backend_name() != "postgresql":

@@ -75,7 +75,7 @@ def test_train_help_reads_as_the_issue_asked():
 def test_search_and_worker_show_their_defaults():
     search = " ".join(run("search.py", "--help").stdout.split())
     assert "--port PORT dashboard port (default: 8080)" in search
-    assert "--workers-per-gpu WORKERS_PER_GPU pack several trials on each GPU (default: 1)" in search
+    assert "--workers-per-gpu WORKERS_PER_GPU pack several trials on each GPU (default: chosen from GPU memory and encoder size" in search
     assert "(default: the study file's [train] data_dir, else $MTBERT_DATA_DIR, else ./data)" in search
     assert "Exit status: 0 when the budget is met" in search
     worker = " ".join(run("worker.py", "--help").stdout.split())

@@ -391,7 +391,7 @@ def test_gpus_are_requested_only_where_sinfo_lists_them(monkeypatch):
 
 
 def slurm_args(**kw) -> argparse.Namespace:
-    base = dict(launcher="slurm", workers=3, workers_per_gpu=1, partition="gpu", time="1:00:00", gres="auto",
+    base = dict(launcher="slurm", workers=3, workers_per_gpu=None, partition="gpu", time="1:00:00", gres="auto",
                 sbatch_arg=["--account=lab"], shared_dir=None, seed=None, storage_file=None, n_trials=None,
                 epochs=2, max_examples=None, model=None, data_dir=None)
     return argparse.Namespace(**{**base, **kw})
