@@ -2,6 +2,7 @@
 
     python worker.py --study lr_dropout                                # this machine, SQLite
     python worker.py --study lr_dropout --storage postgresql://... --gpu 1
+    python worker.py --study lr_dropout:confirm                        # trials of search.py --confirm
 
 Each trial: sample the study's space, train mtbert, report the study's metric after every epoch,
 stop when the pruner says so. A trial whose worker died is retried (heartbeats) and resumes from
@@ -27,7 +28,7 @@ from optuna.trial import TrialState
 
 import storage as storage_lib
 from mtbert.tasks import SCORES
-from service import optuna_compat
+from service import confirm, optuna_compat
 from service.study import (FINISHED, add_override_arguments, configure_logging, load_study_spec, open_study,
                            trial_counts)
 from studies import StudySpec, StudySpecError
@@ -62,6 +63,7 @@ class Worker:
         self.stop_requested = False
         self.in_trial = False
         self.gave_up = False
+        self.confirmation = confirm.Confirmation.of(study)  # X:confirm: fixed configurations and seeds, not samples
 
     # ------------------------------------------------------------ the loop
 
@@ -110,6 +112,8 @@ class Worker:
         with storage_lib.trial_slot_lock(optuna_compat.rdb_storage(self.study), self.study.study_name):
             fail_stale_trials(self.study)
             counts = trial_counts(self.study)
+            if self.confirmation is not None:  # exactly its enqueued trials (and their retries); never a new sample
+                return self.study.ask() if counts[TrialState.WAITING] else "wait" if counts[TrialState.RUNNING] else "done"
             finished = sum(counts[s] for s in FINISHED)
             if finished >= self.spec.n_trials:
                 return "done"
@@ -177,7 +181,10 @@ class Worker:
         from mtbert.config import TrainConfig
         from mtbert.train import train
 
-        values = self.spec.suggest(trial)
+        if self.confirmation is not None:  # the parent trial's config with this trial's seed (service.confirm)
+            values = self.confirmation.trial_values(trial, self.spec)
+        else:
+            values = self.spec.suggest(trial)
         cfg = TrainConfig().replace(**{**values, **({"device": self.device} if self.device else {})})
         self.prepare(cfg)  # a no-op unless the space searches the model or the data
         history = optuna_compat.retry_history(self.study, trial)
@@ -226,8 +233,11 @@ class Worker:
         from service.ranking import ranked_complete
 
         complete = [t for t in ranked_complete(self.study, self.spec) if t.user_attrs.get("checkpoint")]
-        keep = {t.user_attrs["checkpoint"] for t in complete[: self.spec.keep_best]}
-        for t in complete[self.spec.keep_best:]:
+        kept = complete[: self.spec.keep_best]
+        if self.confirmation is not None:  # --export-best takes the best seed of the best configuration
+            kept = confirm.best_seed_per_configuration(complete)
+        keep = {t.user_attrs["checkpoint"] for t in kept}
+        for t in complete:
             if t.user_attrs["checkpoint"] not in keep:
                 remove(t.user_attrs["checkpoint"])
 
@@ -263,7 +273,8 @@ def free_accelerator_memory() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", required=True, help="study name (a file in studies/) or path to a .toml")
+    parser.add_argument("--study", required=True, help="study name (a file in studies/) or path to a .toml; "
+                        "with the suffix ':confirm', the confirmation that search.py --confirm created")
     storage_lib.add_storage_arguments(parser)
     parser.add_argument("--gpu", type=int, default=None, help="GPU index to train on (sets --device cuda:I)")
     parser.add_argument("--device", default=None,
@@ -284,9 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(url)
     device = f"cuda:{args.gpu}" if args.gpu is not None else args.device
     try:
-        spec, overrides = load_study_spec(args.study, args)
-        study = open_study(spec, url, overrides, seed=args.seed)
-    except (StudySpecError, storage_lib.StorageUnavailable) as exc:
+        if confirm.is_confirmation(args.study):  # X:confirm: the trials search.py --confirm enqueued
+            spec, study = confirm.open_confirmation(args.study, url, args, seed=args.seed)
+        else:
+            spec, overrides = load_study_spec(args.study, args)
+            study = open_study(spec, url, overrides, seed=args.seed)
+    except (StudySpecError, confirm.ConfirmError, storage_lib.StorageUnavailable) as exc:
         logger.error("%s", exc)
         return 2
     worker = Worker(study, spec, device=device, progress=args.progress, max_failures=args.max_failures,
