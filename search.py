@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--confirm K needs K >= 0 and --seeds N needs N >= 2 (a spread over seeds needs 2)")
     try:
         spec, overrides = load_study_spec(args.study, args)
+        request = confirm.request_from(spec, args.confirm, args.seeds)  # --confirm/--seeds over [confirm]
         if args.dashboard:
             try:
                 run_dashboard(url, args.host, args.port)
@@ -173,18 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("no study %r in %s (python search.py --study %s creates it)", spec.name,
                      storage_lib.redact(url), spec.name)
         return 2
-    except (StudySpecError, storage_lib.StorageUnavailable) as exc:
+    except (StudySpecError, confirm.ConfirmError, storage_lib.StorageUnavailable) as exc:
         logger.error("%s", exc)
         return 2
     if args.report or args.export_best:
         return write_outputs(study, spec, url, args)
 
     if not args.status:
-        try:
-            request = confirm.request_from(spec, args.confirm, args.seeds)
-        except confirm.ConfirmError as exc:
-            logger.error("%s", exc)
-            return 2
         if run_workers(args.study, study, spec, url, args) and request is not None:
             try:
                 run_confirmation(study, spec, url, args, request)

@@ -134,12 +134,12 @@ def create(parent: optuna.Study, spec: StudySpec, url: str | None, request: Requ
         raise ConfirmError(f"study {spec.name} has {finished} of {spec.n_trials} trials finished and "
                            f"{counts[TrialState.RUNNING]} running: its search must finish before a confirmation "
                            f"(python search.py --study {spec.name})")
-    ranked = ranked_complete(parent, spec)
+    ranked = distinct_configurations(ranked_complete(parent, spec))
     if not ranked:
         raise ConfirmError(f"study {spec.name} has no complete trial to confirm")
     if len(ranked) < request.top:
-        logger.warning("study %s has %d complete trial(s): confirming those, not %d", spec.name, len(ranked),
-                       request.top)
+        logger.warning("study %s has %d distinct complete configuration(s): confirming those, not %d", spec.name,
+                       len(ranked), request.top)
     parents = [_parent_record(t, rank) for rank, t in enumerate(ranked[: request.top], start=1)]
     used = {int(p["config"].get("seed", 0)) for p in parents}
     seeds = fresh_seeds(request.seeds, used, request.seed_base)
@@ -177,6 +177,17 @@ def create(parent: optuna.Study, spec: StudySpec, url: str | None, request: Requ
     logger.info("%s: %d configuration(s) x %d seed(s) = %d trials; %d enqueued now", name, len(parents), len(seeds),
                 len(slots), added)
     return study, cspec, added
+
+
+def distinct_configurations(ranked: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The best trial of each distinct set of params (a retried or resampled configuration counts once)."""
+    seen: list[dict[str, Any]] = []
+    out = []
+    for t in ranked:
+        if t.params not in seen:
+            seen.append(t.params)
+            out.append(t)
+    return out
 
 
 def _check_parent(plan: dict[str, Any], parent_id: int, name: str) -> None:

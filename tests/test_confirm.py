@@ -114,21 +114,25 @@ def test_request_from_flags_and_table(tmp_path):
 # ------------------------------------------------------------ a synthetic study: creation, summary, export choice
 
 DISTRIBUTIONS = {"lr": FloatDistribution(1e-4, 1e-2, log=True), "hidden_dropout_prob": FloatDistribution(0.0, 0.3)}
-SEARCH = [(0.70, 1e-2, 0.0), (0.65, 5e-3, 0.1), (0.60, 2e-3, 0.2), (0.50, 1e-3, 0.3)]  # value, lr, dropout
-# confirmation values by parent trial, seeds 1, 2, 3. #1 - #0 = 0.02, 0.04, 0.03: mean 0.03, sd 0.01,
+# value, lr, dropout; the last one repeats #1's configuration (e.g. sampled again): it is confirmed once
+SEARCH = [(0.70, 1e-2, 0.0), (0.65, 5e-3, 0.1), (0.60, 2e-3, 0.2), (0.50, 1e-3, 0.3), (0.66, 5e-3, 0.1)]
+# confirmation values by parent trial, seeds 1, 2, 3. #4 - #0 = 0.02, 0.04, 0.03: mean 0.03, sd 0.01,
 # 95% CI 0.03 -+ 4.3027 * 0.01 / sqrt(3) = [0.0052, 0.0548]; #2 has the single best run (0.70) but the worst mean
-CONFIRMED = {0: [0.58, 0.60, 0.59], 1: [0.60, 0.64, 0.62], 2: [0.50, 0.70, 0.48]}
+CONFIRMED = {0: [0.58, 0.60, 0.59], 4: [0.60, 0.64, 0.62], 2: [0.50, 0.70, 0.48]}
 
 
-def synthetic_parent(tmp_path: Path, n_trials: int = 4, rows=SEARCH) -> tuple[optuna.Study, object, str]:
-    spec = load_spec(study_file(tmp_path, n_trials=n_trials))
-    url = f"sqlite:///{tmp_path / 'c.db'}"
+def synthetic_parent(tmp_path: Path, n_trials: int = 5, rows=SEARCH, config: dict | None = None,
+                     url: str | None = None, pruner: str = 'type = "none"') -> tuple[optuna.Study, object, str]:
+    """A finished search without training: complete trials with the given values and recorded configs
+    (a confirmation re-trains from the configs; the search's own scores only rank them)."""
+    spec = load_spec(study_file(tmp_path, n_trials=n_trials, pruner=pruner))
+    url = url or f"sqlite:///{tmp_path / 'c.db'}"
     study = open_study(spec, url, {})
     for value, lr, dropout in rows:
-        config = {"lr": lr, "hidden_dropout_prob": dropout, "epochs": 2, "seed": 0, "device": "cpu"}
+        recorded = {"epochs": 2, "seed": 0, "device": "cpu", **(config or {}), "lr": lr, "hidden_dropout_prob": dropout}
         study.add_trial(optuna.trial.create_trial(
             state=TrialState.COMPLETE, value=value, params={"lr": lr, "hidden_dropout_prob": dropout},
-            distributions=DISTRIBUTIONS, user_attrs={"config": config, "sst_acc": value - 0.1,
+            distributions=DISTRIBUTIONS, user_attrs={"config": recorded, "sst_acc": value - 0.1,
                                                      "quora_acc": value + 0.1, "sts_corr": value, "overall": value}))
     return study, spec, url
 
@@ -153,10 +157,10 @@ def test_create_enqueues_each_slot_exactly_once(tmp_path):
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.WAITING] * 9
     slots = [(t.user_attrs["parent_trial"], t.user_attrs["seed"]) for t in trials]
-    assert slots == [(p, s) for s in (1, 2, 3) for p in (0, 1, 2)]  # the top 3, seed-major
+    assert slots == [(p, s) for s in (1, 2, 3) for p in (0, 4, 2)]  # the top 3 configurations, seed-major
     assert {t.system_attrs["fixed_params"]["lr"] for t in trials} == {1e-2, 5e-3, 2e-3}
     assert study.user_attrs["confirms"] == "cf" and parent.user_attrs["confirmed_by"] == "cf:confirm"
-    assert [p["trial"] for p in study.user_attrs["confirm"]["parents"]] == [0, 1, 2]
+    assert [p["trial"] for p in study.user_attrs["confirm"]["parents"]] == [0, 4, 2]
 
     _, _, again = confirm.create(parent, spec, url, Request(3, 3))  # a rerun enqueues nothing
     _, _, fewer = confirm.create(parent, spec, url, Request(2, 3))
@@ -167,8 +171,8 @@ def test_create_enqueues_each_slot_exactly_once(tmp_path):
 
 
 def test_create_refuses_an_unfinished_search_and_an_earlier_study_of_the_same_name(tmp_path):
-    parent, spec, url = synthetic_parent(tmp_path, n_trials=5)
-    with pytest.raises(ConfirmError, match="has 4 of 5 trials finished and 0 running: its search must finish"):
+    parent, spec, url = synthetic_parent(tmp_path, n_trials=6)
+    with pytest.raises(ConfirmError, match="has 5 of 6 trials finished and 0 running: its search must finish"):
         confirm.create(parent, spec, url, Request(3, 3))
     (tmp_path / "x").mkdir()
     parent, spec, url = synthetic_parent(tmp_path / "x")
@@ -184,23 +188,23 @@ def test_summary_table_sentences_and_export_choice(tmp_path):
     study, _, _ = confirm.create(parent, spec, url, Request(3, 3))
     run_synthetic(study, CONFIRMED)
     summary = confirm.summarize(study)
-    assert [c.number for c in summary.configs] == [1, 0, 2]
+    assert [c.number for c in summary.configs] == [4, 0, 2]
     assert summary.configs[0].mean_sd() == pytest.approx((0.62, 0.02))
-    assert summary.verdict() == ("Configuration #1 is better than configuration #0 (difference +0.0300, 95% CI "
+    assert summary.verdict() == ("Configuration #4 is better than configuration #0 (difference +0.0300, 95% CI "
                                  "[+0.0052, +0.0548], paired t over 3 seeds).")
-    assert summary.search_best_sentence() == ("The search's single-seed best was #0; under fresh seeds #1 "
+    assert summary.search_best_sentence() == ("The search's single-seed best was #0; under fresh seeds #4 "
                                               "(search rank 2) is best.")
     text = confirm.report_markdown(parent)
-    assert "| #1 (search rank 2) | 0.6500 | 0.6200 ± 0.0200 | 0.5200 ± 0.0200 | 0.7200 ± 0.0200 | 0.6200 ± 0.0200 " \
+    assert "| #4 (search rank 2) | 0.6600 | 0.6200 ± 0.0200 | 0.5200 ± 0.0200 | 0.7200 ± 0.0200 | 0.6200 ± 0.0200 " \
            "| 3 of 3 | 2 (#4) |" in text
     assert "| #0 (search rank 1) | 0.7000 | 0.5900 ± 0.0100 |" in text
     assert "9 of 9 trials complete" in text and summary.verdict() in text
     assert "Compute: the confirmation trained 18 epochs in 9 trials" in text
     best, chosen, facts = confirm.export_choice(parent, spec)
-    # the best seed of the best configuration (#1, seed 2: 0.64), not the best single run (#2, seed 2: 0.70)
-    assert (best.user_attrs["parent_trial"], best.user_attrs["seed"], best.value) == (1, 2, 0.64)
-    assert chosen.startswith("the best confirmed configuration, #1 of cf (overall 0.6200 ± 0.0200 over 3 seeds)")
-    assert facts["study"] == "cf:confirm" and facts["confirmed"]["parent_trial"] == 1
+    # the best seed of the best configuration (#4, seed 2: 0.64), not the best single run (#2, seed 2: 0.70)
+    assert (best.user_attrs["parent_trial"], best.user_attrs["seed"], best.value) == (4, 2, 0.64)
+    assert chosen.startswith("the best confirmed configuration, #4 of cf (overall 0.6200 ± 0.0200 over 3 seeds)")
+    assert facts["study"] == "cf:confirm" and facts["confirmed"]["parent_trial"] == 4
 
 
 def test_without_a_confirmation_export_takes_the_search_best(tmp_path):
@@ -213,9 +217,9 @@ def test_without_a_confirmation_export_takes_the_search_best(tmp_path):
 def test_two_configurations_that_cannot_be_told_apart(tmp_path):
     parent, spec, url = synthetic_parent(tmp_path)
     study, _, _ = confirm.create(parent, spec, url, Request(2, 3))
-    run_synthetic(study, {0: [0.60, 0.62, 0.58], 1: [0.61, 0.59, 0.59]})
+    run_synthetic(study, {0: [0.60, 0.62, 0.58], 4: [0.61, 0.59, 0.59]})
     summary = confirm.summarize(study)
-    assert summary.verdict().startswith("Configuration #0 and configuration #1 cannot be told apart with 3 seeds")
+    assert summary.verdict().startswith("Configuration #0 and configuration #4 cannot be told apart with 3 seeds")
     assert summary.search_best_sentence() == "The search's single-seed best, #0, is also the best under fresh seeds."
 
 
@@ -224,7 +228,7 @@ def test_the_dashboard_lists_the_confirmation_and_its_trials_parent_numbers(tmp_
 
     parent, spec, url = synthetic_parent(tmp_path)
     study, _, _ = confirm.create(parent, spec, url, Request(2, 2))
-    run_synthetic(study, {0: [0.6, 0.61], 1: [0.59, 0.6]})
+    run_synthetic(study, {0: [0.6, 0.61], 4: [0.59, 0.6]})
     app = wsgi(storage_lib.open_storage(url, heartbeat=False))
 
     def get(path: str) -> dict:
@@ -240,7 +244,47 @@ def test_the_dashboard_lists_the_confirmation_and_its_trials_parent_numbers(tmp_
     assert {"cf", "cf:confirm"} <= set(summaries)
     detail = get(f"/api/studies/{summaries['cf:confirm']}")
     attrs = [{a["key"]: a["value"] for a in t["user_attrs"]} for t in detail["trials"]]
-    assert sorted((a["parent_trial"], a["seed"]) for a in attrs) == [("0", "1"), ("0", "2"), ("1", "1"), ("1", "2")]
+    assert sorted((a["parent_trial"], a["seed"]) for a in attrs) == [("0", "1"), ("0", "2"), ("4", "1"), ("4", "2")]
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training on one thread: a shared, busy 2-core machine makes OpenMP threads spin-wait."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_failed_confirmation_trial_is_not_replaced_by_a_new_sample(tmp_path, tiny_model, tiny_data, monkeypatch,
+                                                                     one_thread):
+    import mtbert.train
+    from mtbert.train import NonFiniteLossError
+
+    real_train = mtbert.train.train
+
+    def nan_with_seed_2(cfg, *args, **kwargs):
+        if cfg.seed == 2:
+            raise NonFiniteLossError(step=3, epoch=1)
+        return real_train(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(mtbert.train, "train", nan_with_seed_2)
+    parent, spec, url = synthetic_parent(tmp_path, n_trials=2, rows=[(0.6, 1e-2, 0.0), (0.5, 5e-3, 0.1)],
+                                         config=tiny_config(tiny_model, tiny_data, epochs=1))
+    study, cspec, _ = confirm.create(parent, spec, url, Request(2, 2))
+    Worker(study, cspec, progress=False, checkpoint_root=tmp_path / "ck").run()
+    trials = study.get_trials()
+    assert len(trials) == 4 and all("parent_trial" in t.user_attrs for t in trials)  # no fifth, sampled trial
+    assert [(t.user_attrs["seed"], t.state) for t in trials] == [
+        (1, TrialState.COMPLETE), (1, TrialState.COMPLETE), (2, TrialState.FAIL), (2, TrialState.FAIL)]
+    for t in trials[:2]:
+        p = parent.trials[t.user_attrs["parent_trial"]]
+        assert t.user_attrs["config"] == {**p.user_attrs["config"], "seed": 1}
+    text = confirm.report_markdown(parent)
+    assert "2 of 4 trials complete, 0 running, 0 waiting, 2 failed" in text and "| 1 of 2 |" in text
+    assert "cannot be compared: they share fewer than 2 completed seeds" in text
 
 
 # ------------------------------------------------------------ real workers (tiny model)
@@ -252,33 +296,29 @@ def start(study_arg: str, url: str, env: dict, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def real_parent(folder: Path, model: Path, data: Path, url: str, configs: list[tuple[float, float]], epochs: int,
-                pruner: str) -> tuple[Path, optuna.Study, object]:
-    """A finished search of the tiny model, one in-process worker, the given (lr, dropout) configurations."""
-    path = study_file(folder, name="real", n_trials=len(configs), epochs=epochs, model=model, data=data,
-                      pruner=pruner)
-    spec = load_spec(path)
-    study = open_study(spec, url, {})
-    for lr, dropout in configs:
-        study.enqueue_trial({"lr": lr, "hidden_dropout_prob": dropout})
-    Worker(study, spec, device="cpu", progress=False, checkpoint_root=folder / "ckpt-search").run()
-    assert all(t.state == TrialState.COMPLETE for t in study.trials)
-    return path, study, spec
+def tiny_config(model: Path, data: Path, epochs: int) -> dict:
+    """The recorded config of a search trial on the tiny model (lr and dropout come from its params)."""
+    from mtbert.config import TrainConfig
+
+    return TrainConfig().replace(model=str(model), data_dir=str(data), epochs=epochs, batch_size=8, device="cpu",
+                                 eval_batch_size=64).to_dict()
 
 
 def test_two_workers_run_the_confirmation_exactly_unpruned_with_the_parents_configs(tmp_path, tiny_model, tiny_data,
                                                                                      storage_url, env):  # noqa: F811
     # an aggressive pruner on the search: applied to the confirmation, it would stop the hopeless
     # lr = 1e-4 configuration (next to nothing learnt) after its first epoch
-    path, parent, spec = real_parent(tmp_path, tiny_model, tiny_data, storage_url,
-                                     [(1e-2, 0.0), (1e-4, 0.0), (5e-3, 0.3)], epochs=2,
-                                     pruner='type = "median"\nn_startup_trials = 3\nn_warmup_steps = 0')
+    rows = [(0.70, 1e-2, 0.0), (0.65, 1e-4, 0.0), (0.60, 5e-3, 0.3)]  # search value, lr, dropout
+    parent, spec, _ = synthetic_parent(tmp_path, n_trials=3, rows=rows,
+                                       config=tiny_config(tiny_model, tiny_data, epochs=2), url=storage_url,
+                                       pruner='type = "median"\nn_startup_trials = 3\nn_warmup_steps = 0')
+    path = spec.path
     study, _, added = confirm.create(parent, spec, storage_url, Request(3, 2))
     assert added == 6
     procs = [start(f"{path}:confirm", storage_url, env) for _ in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    study = load(storage_url, "real:confirm")
+    study = load(storage_url, "cf:confirm")
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6  # budget exact, none pruned or failed
     parents = {t.number: t for t in parent.trials}
@@ -293,7 +333,7 @@ def test_two_workers_run_the_confirmation_exactly_unpruned_with_the_parents_conf
     # the seeds change the result (a fresh seed is a real retraining)
     assert len({t.value for t in trials if t.user_attrs["parent_trial"] == 0}) == 2
     # one checkpoint per configuration is kept: its best seed's
-    kept = sorted(q.name for q in (Path(env["MTBERT_CHECKPOINT_DIR"]) / "real:confirm").iterdir())
+    kept = sorted(q.name for q in (Path(env["MTBERT_CHECKPOINT_DIR"]) / "cf:confirm").iterdir())
     best = confirm.best_seed_per_configuration(sorted(trials, key=lambda t: -t.value))
     assert kept == sorted(Path(t.user_attrs["checkpoint"]).name for t in best) and len(kept) == 3
     assert confirm.create(parent, spec, storage_url, Request(3, 2))[2] == 0  # a rerun adds nothing
@@ -304,7 +344,7 @@ def test_two_workers_run_the_confirmation_exactly_unpruned_with_the_parents_conf
                             capture_output=True, text=True, timeout=300)
     assert status.returncode == 0, status.stderr
     summary = confirm.summarize(study)
-    assert "confirmation (real:confirm):" in status.stdout and summary.verdict() in status.stdout
+    assert "confirmation (cf:confirm):" in status.stdout and summary.verdict() in status.stdout
     report = subprocess.run([sys.executable, "search.py", "--study", str(path), "--report", "--out",
                              str(tmp_path / "rep")], cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr
@@ -317,20 +357,22 @@ def test_two_workers_run_the_confirmation_exactly_unpruned_with_the_parents_conf
     assert "exported the best confirmed configuration, #" in export.stdout
     exported = json.loads((out / "best_trial.json").read_text())
     chosen = summary.configs[0].best_run(maximize=True)
-    assert (exported["study"], exported["trial"]) == ("real:confirm", chosen.number)
+    assert (exported["study"], exported["trial"]) == ("cf:confirm", chosen.number)
     assert json.loads((out / "checkpoint" / "config.json").read_text())["seed"] == chosen.user_attrs["seed"]
 
 
 def test_a_killed_confirmation_worker_s_trial_is_retried_and_resumes(tmp_path, tiny_model, env):  # noqa: F811
     data = write_data(tmp_path / "data", n_train=1200, n_dev=24, malformed=False)  # ~1 s epochs
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    path, parent, spec = real_parent(tmp_path, tiny_model, data, url, [(1e-2, 0.0)], epochs=5, pruner='type = "none"')
+    parent, spec, _ = synthetic_parent(tmp_path, n_trials=1, rows=[(0.7, 1e-2, 0.0)],
+                                       config=tiny_config(tiny_model, data, epochs=5), url=url)
+    path = spec.path
     confirm.create(parent, spec, url, Request(1, 2))
     victim = start(f"{path}:confirm", url, env)
     deadline = time.time() + 300
     while time.time() < deadline:
         time.sleep(0.3)
-        running = load(url, "real:confirm").get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        running = load(url, "cf:confirm").get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if running and running[0].user_attrs.get("epochs_done", 0) >= 2:
             break
     victim.send_signal(signal.SIGKILL)
@@ -339,7 +381,7 @@ def test_a_killed_confirmation_worker_s_trial_is_retried_and_resumes(tmp_path, t
     for p in helpers:
         out = p.communicate(timeout=600)[0]
         assert p.returncode == 0, out
-    study = load(url, "real:confirm")
+    study = load(url, "cf:confirm")
     (failed,) = study.get_trials(states=(TrialState.FAIL,))
     retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == failed.number)
     assert retry.state == TrialState.COMPLETE
