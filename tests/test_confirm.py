@@ -410,3 +410,22 @@ def test_confirmation_cli_errors_are_one_line(tmp_path):
         proc = subprocess.run([sys.executable, "search.py", "--study", str(path), *args], cwd=ROOT, env=env_,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_search_py_confirm_runs_the_search_then_its_confirmation_once(tmp_path, tiny_model, tiny_data,
+                                                                      env):  # noqa: F811
+    path = write_study(tmp_path, "e2e", tiny_model, tiny_data, n_trials=2, epochs=1, pruner='type = "none"')
+    url = f"sqlite:///{tmp_path / 'e2e.db'}"
+    command = [sys.executable, "search.py", "--study", str(path), "--confirm", "2", "--seeds", "2"]
+    first = subprocess.run(command, cwd=ROOT, env={**env, "MTBERT_STORAGE": url}, capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert "e2e:confirm: 2 configuration(s) x 2 seed(s) = 4 trials; 4 enqueued now" in first.stderr
+    study = load(url, "e2e:confirm")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    assert confirm.summarize(study).verdict() in first.stdout  # the summary ends with the confirmation
+    again = subprocess.run(command, cwd=ROOT, env={**env, "MTBERT_STORAGE": url}, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "4 trials; 0 enqueued now" in again.stderr
+    assert len(load(url, "e2e:confirm").trials) == 4 and len(load(url, "e2e").trials) == 2
