@@ -338,8 +338,14 @@ class Summary:
         if winner is best:
             return f"The search's single-seed best, #{best.number}, is also the best under fresh seeds."
         first = next(p for p in self.plan["parents"] if p["search_rank"] == 1)
-        return (f"The search's single-seed best was #{first['trial']}; under fresh seeds #{best.number} "
+        text = (f"The search's single-seed best was #{first['trial']}; under fresh seeds #{best.number} "
                 f"(search rank {best.parent['search_rank']}) is best.")
+        if winner is not None and winner is not self.configs[1]:  # the verdict above compared another pair
+            shared = sorted(set(best.runs) & set(winner.runs))
+            against = verdict(f"configuration #{best.number}", f"configuration #{winner.number}",
+                              paired_t(best.values(seeds=shared), winner.values(seeds=shared)), self.maximize)
+            text += f" Against the search's best: {against}"
+        return text
 
 
 def summarize(study: optuna.Study) -> Summary:

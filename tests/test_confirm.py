@@ -207,6 +207,20 @@ def test_summary_table_sentences_and_export_choice(tmp_path):
     assert facts["study"] == "cf:confirm" and facts["confirmed"]["parent_trial"] == 4
 
 
+def test_the_confirmed_best_against_a_search_best_ranked_lower_than_runner_up(tmp_path):
+    parent, spec, url = synthetic_parent(tmp_path)
+    study, _, _ = confirm.create(parent, spec, url, Request(3, 3))
+    run_synthetic(study, {0: [0.50, 0.52, 0.51], 4: [0.60, 0.64, 0.62], 2: [0.55, 0.57, 0.56]})
+    summary = confirm.summarize(study)
+    assert [c.number for c in summary.configs] == [4, 2, 0]
+    assert summary.verdict().startswith("Configuration #4 is better than configuration #2 (difference +0.0600")
+    # #4 - #0 = 0.10, 0.12, 0.11: mean 0.11, sd 0.01, 95% CI 0.11 -+ 0.0248
+    assert summary.search_best_sentence() == (
+        "The search's single-seed best was #0; under fresh seeds #4 (search rank 2) is best. Against the search's "
+        "best: configuration #4 is better than configuration #0 (difference +0.1100, 95% CI [+0.0852, +0.1348], "
+        "paired t over 3 seeds).")
+
+
 def test_without_a_confirmation_export_takes_the_search_best(tmp_path):
     parent, spec, _ = synthetic_parent(tmp_path)
     best, chosen, facts = confirm.export_choice(parent, spec)
