@@ -97,6 +97,8 @@ def test_confirm_table_is_parsed_and_validated(tmp_path):
                             ("top = 2\nseeds = 3.5", "confirm.seeds: must be an integer")):
         with pytest.raises(StudySpecError, match=fragment):
             load_spec(study_file(tmp_path, f"\n[confirm]\n{table}\n"))
+    with pytest.raises(StudySpecError, match="confirm: space.seed searches the training seed"):
+        load_spec(study_file(tmp_path, '\n[space.seed]\ntype = "int"\nlow = 0\nhigh = 3\n[confirm]\ntop = 2\nseeds = 3\n'))
 
 
 def test_request_from_flags_and_table(tmp_path):
