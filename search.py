@@ -8,6 +8,7 @@
     python search.py --study lr_dropout --dashboard      # optuna-dashboard on 127.0.0.1
     python search.py --study lr_dropout --report         # reports/lr_dropout/report.md and plots
     python search.py --study lr_dropout --export-best DIR  # best checkpoint, CS224N predictions (dev, test, holdout/)
+    python search.py --study lr_dropout --confirm 3 --seeds 3  # then re-train the top 3 with 3 fresh seeds each
     python search.py --results                           # docs/results.md from the grid studies
 
 More workers on other machines join with worker.py against the same (PostgreSQL) storage.
@@ -21,6 +22,7 @@ file, storage or argument.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import subprocess
@@ -30,11 +32,12 @@ from pathlib import Path
 import optuna
 
 import storage as storage_lib
+from service import confirm
 from service.launch import start_workers, stop_workers, worker_devices
 from service.progress import follow, print_summary, write_trials_csv
 from service.slurm import add_slurm_arguments, check_arguments, run_array
-from service.study import (FINISHED, SEED, StudyIdentityError, add_override_arguments, bounded, configure_logging,
-                           load_study_spec, open_study, study_key, trial_counts)
+from service.study import (FINISHED, OVERRIDE_FLAGS, SEED, StudyIdentityError, add_override_arguments, bounded,
+                           configure_logging, load_study_spec, open_study, study_key, trial_counts)
 from studies import StudySpec, StudySpecError
 
 logger = logging.getLogger("search")
@@ -64,7 +67,8 @@ def write_outputs(study: optuna.Study, spec: StudySpec, url: str, args: argparse
             logger.error("%s", problem)
             return 2
         predict = [Path(p) for p in args.predict] if args.predict else None
-        print(f"best trial exported to {export_best(study, spec, target, args.data_dir, predict)}")
+        out = export_best(study, spec, target, args.data_dir, predict)
+        print(f"exported {json.loads((out / 'best_trial.json').read_text())['chosen']} to {out}")
     except ExportError as exc:
         logger.error("%s", exc)
         return 2
@@ -117,6 +121,58 @@ def write_study_report(study: optuna.Study, spec: StudySpec, url: str, out: str 
     except Exception as exc:  # the search itself succeeded: a report problem is a warning
         logger.warning("report not written: %s: %s (python search.py --study %s --report retries)",
                        type(exc).__name__, exc, spec.name)
+
+
+def run_workers(study_arg: str, study: optuna.Study, spec: StudySpec, url: str,
+                args: argparse.Namespace) -> tuple[int, bool]:
+    """Workers on `study` until its budget is met, started by --launcher: (status, stopped).
+
+    status: 0, 1 when a worker failed (its last ERROR line logged), 3 when the storage stayed down
+    (SLURM: run_array's statuses); stopped: the run was interrupted (Ctrl-C, SIGTERM).
+    """
+    signal.signal(signal.SIGINT, _interrupt)  # a confirmation after a search starts with fresh handlers
+    signal.signal(signal.SIGTERM, _interrupt)
+    if args.launcher == "slurm":
+        status = run_array(study_arg, study, spec, url, args)
+        return status, status == 130
+    p = spec.space.get("batch_size")  # the largest batch a trial may take sizes the packing
+    batch = max(p.grid_values() or [p.high or 16]) if p else spec.train.get("batch_size", 16)
+    devices = worker_devices(args.workers, args.workers_per_gpu, spec.train.get("model"), int(batch or 16),
+                             spec.train.get("max_length", 128))
+    log_dir = storage_lib.STORAGE_DIR / "logs" / study_key(study)  # by identity: one folder per study
+    workers = start_workers(study_arg, url, devices, args, log_dir)
+    _running[:] = workers
+    outage, stopped, status = None, False, 0
+    try:
+        follow(study, spec, workers)
+        for w in workers:  # the budget is met: workers exit by themselves
+            w.proc.wait()
+    except KeyboardInterrupt:
+        stopped = True
+        logger.warning("stopping workers; their running trials are handed back and resume next time")
+    except storage_lib.StorageOutage as exc:  # the workers ride it out as long, then give up too
+        outage = exc
+    finally:
+        signal.signal(signal.SIGINT, _during_shutdown)  # from here on a signal must not break the shutdown
+        signal.signal(signal.SIGTERM, _during_shutdown)
+        stop_workers(workers)
+    for w in workers:
+        if w.failed:
+            logger.error("worker %d %s: %s (log: %s)", w.index, w.exit_text(), w.last_error(), w.log_path)
+            status = 1
+    if outage is not None:
+        logger.error("%s; workers stopped, their running trials are retried when the study runs again", outage)
+        return 3, stopped
+    return status, stopped
+
+
+def run_confirmation(study: optuna.Study, spec: StudySpec, url: str, args: argparse.Namespace,
+                     request: confirm.Request) -> tuple[int, bool]:
+    """--confirm K --seeds N (or [confirm]): enqueue X:confirm's trials once, then run them like the search's."""
+    cstudy, cspec, _ = confirm.create(study, spec, url, request)
+    # the configurations are recorded: no overrides but where this machine has the data
+    plain = argparse.Namespace(**{**vars(args), **{k: None for k in OVERRIDE_FLAGS if k != "data_dir"}})
+    return run_workers(f"{args.study}{confirm.SUFFIX}", cstudy, cspec, url, plain)
 
 
 # ------------------------------------------------------------ main
@@ -206,6 +262,14 @@ def run(argv: list[str] | None = None) -> int:
                            "docs/results.md); needs no --study")
     mode.add_argument("--export-best", metavar="DIR",
                       help="copy the best trial's checkpoint to DIR and write its CS224N predictions")
+    parser.add_argument("--confirm", type=bounded(int, 0), metavar="K", default=None,
+                        help="after the search, re-train its top K complete configurations (full epochs, no "
+                             "pruning) with --seeds fresh training seeds each, as the study <study>:confirm; "
+                             "reruns enqueue nothing twice (default: the study file's [confirm] table, else "
+                             "none; 0 = none)")
+    parser.add_argument("--seeds", type=bounded(int, 2), metavar="N", default=None,
+                        help=f"training seeds per confirmed configuration, at least 2 (default: [confirm].seeds, "
+                             f"else {confirm.DEFAULT_SEEDS})")
     parser.add_argument("--out", default=None,
                         help="report folder (default: reports/<study>/) or results page (default: docs/results.md)")
     parser.add_argument("--predict", nargs="+", metavar="FILE", default=None,
@@ -234,8 +298,12 @@ def run(argv: list[str] | None = None) -> int:
         parser.error("--study is required (except with --results)")
     if args.predict and not args.export_best:
         parser.error("--predict goes with --export-best DIR")
+    if (args.confirm is not None or args.seeds is not None) and (args.status or args.dashboard or args.report
+                                                                 or args.export_best):
+        parser.error("--confirm/--seeds run trials: not with --status, --dashboard, --report or --export-best")
     try:
         spec, overrides = load_study_spec(args.study, args)
+        request = confirm.request_from(spec, args.confirm, args.seeds)  # --confirm/--seeds over [confirm]
         if args.dashboard:
             try:
                 run_dashboard(url, args.host, args.port)
@@ -250,7 +318,7 @@ def run(argv: list[str] | None = None) -> int:
             study, spec = _load_existing(spec, url, args.study)
         else:
             study = open_study(spec, url, overrides, seed=args.seed, role="search")
-    except (StudySpecError, StudyIdentityError, storage_lib.StorageUnavailable, NoStudy) as exc:
+    except (StudySpecError, StudyIdentityError, confirm.ConfirmError, storage_lib.StorageUnavailable, NoStudy) as exc:
         logger.error("%s", exc)
         return 2
     if args.report or args.export_best:
@@ -259,45 +327,32 @@ def run(argv: list[str] | None = None) -> int:
     status = 0
     if not args.status:
         finished = sum(n for state, n in trial_counts(study).items() if state in FINISHED)
-        if finished >= spec.n_trials:
+        if finished >= spec.n_trials and request is None:
             print(f"budget met: {finished} of {spec.n_trials} trials finished; nothing to run (raise the budget "
                   f"with --n-trials N, or see --report)")
             print_summary(study, spec)
+            confirm.print_confirmation(study)
             return 0
         if args.seed is None and isinstance(spec.sampler.get("seed"), int):
             args.seed = spec.sampler["seed"]  # worker i samples with seed + i: parallel workers never repeat each other
-    if not args.status and args.launcher == "slurm":
-        status = run_array(args.study, study, spec, url, args)
-    elif not args.status:
-        p = spec.space.get("batch_size")  # the largest batch a trial may take sizes the packing
-        batch = max(p.grid_values() or [p.high or 16]) if p else spec.train.get("batch_size", 16)
-        devices = worker_devices(args.workers, args.workers_per_gpu, spec.train.get("model"), int(batch or 16),
-                                 spec.train.get("max_length", 128))
-        log_dir = storage_lib.STORAGE_DIR / "logs" / study_key(study)  # by identity: one folder per study
-        workers = start_workers(args.study, url, devices, args, log_dir)
-        _running[:] = workers
-        outage = None
-        try:
-            follow(study, spec, workers)
-            for w in workers:  # the budget is met: workers exit by themselves
-                w.proc.wait()
-        except KeyboardInterrupt:
-            logger.warning("stopping workers; their running trials are handed back and resume next time")
-        except storage_lib.StorageOutage as exc:  # the workers ride it out as long, then give up too
-            outage = exc
-        finally:
-            signal.signal(signal.SIGINT, _during_shutdown)  # from here on a signal must not break the shutdown
-            signal.signal(signal.SIGTERM, _during_shutdown)
-            stop_workers(workers)
-        for w in workers:
-            if w.failed:
-                logger.error("worker %d %s: %s (log: %s)", w.index, w.exit_text(), w.last_error(), w.log_path)
-                status = 1
-        if outage is not None:
-            logger.error("%s; workers stopped, their running trials are retried when the study runs again", outage)
+        stopped = False
+        if finished < spec.n_trials:
+            status, stopped = run_workers(args.study, study, spec, url, args)
+        else:
+            print(f"budget met: {finished} of {spec.n_trials} trials finished; on to the confirmation")
+        if status == 3:
             return 3
+        if request is not None and status == 0 and not stopped:
+            try:
+                status, stopped = run_confirmation(study, spec, url, args, request)
+            except confirm.ConfirmError as exc:
+                logger.error("%s", exc)
+                return 2
+            if status == 3:
+                return 3
 
     df = print_summary(study, spec)
+    confirm.print_confirmation(study)
     if not df.empty and not args.status:
         print(f"\ntrials written to {write_trials_csv(df, study_key(study))}")
         if sum(n for state, n in trial_counts(study).items() if state in FINISHED) >= spec.n_trials:

@@ -2,6 +2,7 @@
 
     python worker.py --study lr_dropout                                # this machine, SQLite
     python worker.py --study lr_dropout --storage postgresql://... --gpu 1
+    python worker.py --study lr_dropout:confirm                        # trials of search.py --confirm
 
 Each trial: sample the study's space, train mtbert, report the study's metric after every epoch,
 stop when the pruner says so. A trial whose worker died is retried (heartbeats) and resumes from
@@ -36,8 +37,8 @@ from optuna.trial import TrialState
 
 import storage as storage_lib
 from mtbert.tasks import SCORES
-from service import optuna_compat
 from mtbert.config import device_problem
+from service import confirm, optuna_compat
 from service.study import (FINISHED, SEED, StudyIdentityError, add_override_arguments, bounded, configure_logging,
                            load_study_spec, open_study, run_id, study_uuid, trial_counts, trial_dir, trial_root)
 from studies import StudySpec, StudySpecError
@@ -78,6 +79,7 @@ class Worker:
         self.stop_requested = False
         self.in_trial = False
         self.gave_up = False
+        self.confirmation = confirm.Confirmation.of(study)  # X:confirm: fixed configurations and seeds, not samples
 
     # ------------------------------------------------------------ the loop
 
@@ -126,6 +128,8 @@ class Worker:
         with storage_lib.trial_slot_lock(optuna_compat.rdb_storage(self.study), self.study.study_name):
             fail_stale_trials(self.study)
             counts = trial_counts(self.study)
+            if self.confirmation is not None:  # exactly its enqueued trials (and their retries); never a new sample
+                return self.study.ask() if counts[TrialState.WAITING] else "wait" if counts[TrialState.RUNNING] else "done"
             finished = sum(counts[s] for s in FINISHED)
             if finished >= self.spec.n_trials:
                 return "done"
@@ -203,7 +207,10 @@ class Worker:
         from mtbert.config import TrainConfig, resolve_data_dir
         from mtbert.train import train
 
-        values = self.spec.suggest(trial)
+        if self.confirmation is not None:  # the parent trial's config with this trial's seed (service.confirm)
+            values = self.confirmation.trial_values(trial, self.spec)
+        else:
+            values = self.spec.suggest(trial)
         cfg = TrainConfig().replace(**{**values, **({"device": self.device} if self.device else {})})
         self.prepare(cfg)  # a no-op unless the space searches the model or the data
         history = optuna_compat.retry_history(self.study, trial)
@@ -281,10 +288,13 @@ class Worker:
             return
         from service.ranking import ranked_complete
 
-        folders = [trial_dir(self.study, trial_root(t), self.checkpoint_root)
-                   for t in ranked_complete(self.study, self.spec)]
-        keep = set(folders[: self.spec.keep_best])
-        for folder in folders[self.spec.keep_best:]:
+        ranked = ranked_complete(self.study, self.spec)
+        kept = ranked[: self.spec.keep_best]
+        if self.confirmation is not None:  # --export-best takes the best seed of the best configuration
+            kept = confirm.best_seed_per_configuration(ranked)
+        keep = {trial_dir(self.study, trial_root(t), self.checkpoint_root) for t in kept}
+        for t in ranked:
+            folder = trial_dir(self.study, trial_root(t), self.checkpoint_root)
             if folder not in keep:
                 self.remove(folder)
 
@@ -326,7 +336,8 @@ def free_accelerator_memory() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", required=True, help="study name (a file in studies/) or path to a .toml")
+    parser.add_argument("--study", required=True, help="study name (a file in studies/) or path to a .toml; "
+                        "with the suffix ':confirm', the confirmation that search.py --confirm created")
     storage_lib.add_storage_arguments(parser)
     parser.add_argument("--gpu", type=bounded(int, 0), default=None, help="GPU index to train on (sets --device cuda:I)")
     parser.add_argument("--device", default=None,
@@ -348,14 +359,19 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(url)
     device = f"cuda:{args.gpu}" if args.gpu is not None else args.device
     try:
-        spec, overrides = load_study_spec(args.study, args)
+        if confirm.is_confirmation(args.study):  # X:confirm: the trials search.py --confirm enqueued
+            spec, study = confirm.open_confirmation(args.study, url, args, seed=args.seed)
+        else:
+            spec, overrides = load_study_spec(args.study, args)
+            study = None
         # the device this worker trains on must exist here: one error now, not a failed trial per claim
         problem = device_problem(device or spec.train.get("device", "auto"), available=True)
         if problem:
             logger.error("%s", problem)
             return 2
-        study = open_study(spec, url, overrides, seed=args.seed)
-    except (StudySpecError, StudyIdentityError, storage_lib.StorageUnavailable) as exc:
+        if study is None:
+            study = open_study(spec, url, overrides, seed=args.seed)
+    except (StudySpecError, StudyIdentityError, confirm.ConfirmError, storage_lib.StorageUnavailable) as exc:
         logger.error("%s", exc)
         return 2
     try:

@@ -2,7 +2,10 @@
 
     python search.py --study lr_dropout --export-best DIR
 
-DIR/checkpoint/     a copy of the best complete trial's run folder (loads with mtbert.checkpoint.load_model)
+The best trial is the best seed of the best confirmed configuration when the study has a confirmation
+(search.py --confirm, service.confirm), else the search's best complete trial; best_trial.json says which.
+
+DIR/checkpoint/     a copy of the best trial's run folder (loads with mtbert.checkpoint.load_model)
 DIR/predictions/    sst/para/sts-dev-output.csv and -test-output.csv for the data files that exist, and
                     predictions of <data dir>/holdout/*.csv (or of --predict FILE...), e.g.
                     sst/para/sts-holdout-output.csv (mtbert.evaluate.output_name)
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import optuna
 
-from service.ranking import best_trial
+from service.confirm import ConfirmError, export_choice
 from service.study import StudyIdentityError, run_id, study_uuid, trial_dir, trial_root
 from studies import StudySpec
 
@@ -34,8 +37,9 @@ class ExportError(RuntimeError):
 
 def export_best(study: optuna.Study, spec: StudySpec, out_dir: Path, data_dir: str | Path | None = None,
                 predict: list[Path] | None = None) -> Path:
-    """Copy the best complete trial's checkpoint to out_dir and write its dev/test-student predictions,
-    and predictions of `predict` (default: every .csv in <data dir>/holdout/, when that folder exists).
+    """Copy the best trial's checkpoint to out_dir (see the module docstring for which) and write its
+    dev/test-student predictions, and predictions of `predict` (default: every .csv in <data dir>/holdout/,
+    when that folder exists).
 
     data_dir: default the trial's config data_dir, else $MTBERT_DATA_DIR, else ./data. The predictions
     cover the full data files (the search itself may have scored a max_examples-capped dev set).
@@ -46,32 +50,38 @@ def export_best(study: optuna.Study, spec: StudySpec, out_dir: Path, data_dir: s
     from mtbert.evaluate import predict_files, predict_unlabelled
     from mtbert.config import resolve_device
 
-    best = best_trial(study, spec)
+    try:
+        owner, best, chosen, facts = export_choice(study, spec)  # owner: the study or its confirmation
+    except ConfirmError as exc:
+        raise ExportError(str(exc)) from None
     if best is None:
         raise ExportError(f"study {study.study_name} has no complete trial to export")
     try:
-        recorded = study_uuid(study, create=False)
+        recorded = study_uuid(owner, create=False)
     except StudyIdentityError as exc:
         raise ExportError(str(exc)) from None
     if recorded is None:
-        raise ExportError(f"study {study.study_name} has no study_uuid (it was created before checkpoints were "
+        raise ExportError(f"study {owner.study_name} has no study_uuid (it was created before checkpoints were "
                           "keyed by the study's identity), so no checkpoint can be trusted to be its own")
     root = trial_root(best)
-    source = trial_dir(study, root)
+    source = trial_dir(owner, root)
     if not (source / "checkpoint.pt").is_file():
-        raise ExportError(f"the checkpoint of the best trial #{best.number} is not at {source} (workers keep the "
-                          f"checkpoints of the best keep_best = {spec.keep_best} complete trials, on the node that "
-                          f"ran them: set MTBERT_CHECKPOINT_DIR to a shared folder, or run this on that node)")
+        kept = ("the best seed of each confirmed configuration" if "confirmed" in facts
+                else f"the best keep_best = {spec.keep_best} complete trials")
+        of = f" of {owner.study_name}" if owner is not study else ""
+        raise ExportError(f"the checkpoint of the best trial #{best.number}{of} is not at {source} (workers keep the "
+                          f"checkpoints of {kept}, on the node that ran them: set MTBERT_CHECKPOINT_DIR to a shared "
+                          f"folder, or run this on that node)")
     try:
         identity = checkpoint_identity(source)
     except CheckpointUnreadable as exc:
         raise ExportError(str(exc)) from None
-    if not identity or identity.get("run_id") != run_id(study, root):
+    if not identity or identity.get("run_id") != run_id(owner, root):
         raise ExportError(f"{source} holds the checkpoint of another run (run id "
-                          f"{(identity or {}).get('run_id')!r}, expected {run_id(study, root)!r}); not exported")
+                          f"{(identity or {}).get('run_id')!r}, expected {run_id(owner, root)!r}); not exported")
     out_dir = Path(out_dir)
     shutil.copytree(source, out_dir / "checkpoint", dirs_exist_ok=True)
-    logger.info("trial #%d's checkpoint copied to %s", best.number, out_dir / "checkpoint")
+    logger.info("exporting %s: checkpoint copied to %s", chosen, out_dir / "checkpoint")
 
     device = resolve_device("auto")
     try:
@@ -89,7 +99,7 @@ def export_best(study: optuna.Study, spec: StudySpec, out_dir: Path, data_dir: s
     except DataError as exc:
         raise ExportError(str(exc)) from None
     summary = {"study": study.study_name, "trial": best.number, spec.metric: best.value, "params": best.params,
-               "data_dir": str(data), "full_dev_metrics": metrics,
+               **facts, "chosen": chosen, "data_dir": str(data), "full_dev_metrics": metrics,
                "predicted": {f: Path(v["output"]).name for f, v in extra.items()}}
     (out_dir / "best_trial.json").write_text(json.dumps(summary, indent=2))
     return out_dir

@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 import storage as storage_lib
 from mtbert.tasks import SCORE_NAMES
+from service.confirm import report_markdown as confirmation_section
 from service.progress import planned_epochs
 from service.ranking import best_trial, leaderboard
 from service.markdown import markdown_table, number
@@ -49,12 +50,13 @@ def write_report(study: optuna.Study, spec: StudySpec, out_dir: Path, storage_ur
     sections = [
         header(study, spec, trials, storage_url),
         best_section(spec, best),
+        confirmation_section(study),
         pruning_section(spec, trials),
         top_trials_section(study, spec),
         plots_section(study, trials, spec, out_dir),
     ]
     path = out_dir / "report.md"
-    path.write_text("\n\n".join(sections) + "\n")
+    path.write_text("\n\n".join(s for s in sections if s) + "\n")
     logger.info("report written to %s", path)
     return path
 

@@ -31,7 +31,8 @@ PRUNERS = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.P
            "hyperband": optuna.pruners.HyperbandPruner, "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
            "none": optuna.pruners.NopPruner}
 TOP_KEYS = ("description", "direction", "metric", "n_trials", "keep_best", "train", "space", "sampler", "pruner",
-            "reference", "reference_source")
+            "reference", "reference_source", "confirm")
+CONFIRM_KEYS = {"top": 1, "seeds": 2, "seed_base": 0}  # [confirm] key: its minimum (seeds: a spread needs 2)
 REFERENCE_METRICS = tuple(t.report_key for t in TASK_TABLE.values()) + ("overall",)  # a [reference] row: published scores of one grid point
 PARAM_KEYS = {"float": ("low", "high", "log", "step"), "int": ("low", "high", "step", "log"),
               "categorical": ("choices",), "preset": ("presets",)}
@@ -146,6 +147,8 @@ class StudySpec:
     # published scores per grid point: {grid_key(value): {"sst": .., "para": .., "sts": .., "overall": ..}}
     reference: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     reference_source: str = ""  # where the reference numbers come from
+    # [confirm]: re-train the top `top` configurations with `seeds` fresh training seeds (service.confirm)
+    confirm: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def epochs(self) -> int:
@@ -211,7 +214,7 @@ class StudySpec:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {**out, "path": _display(self.path), "train": dict(self.train), "sampler": dict(self.sampler),
                 "pruner": dict(self.pruner), "space": {n: p.to_dict() for n, p in self.space.items()},
-                "reference": {k: dict(v) for k, v in self.reference.items()}}
+                "reference": {k: dict(v) for k, v in self.reference.items()}, "confirm": dict(self.confirm)}
 
 
 class _Loader:
@@ -292,14 +295,14 @@ class _Loader:
             self.fail("reference_source", "must be a string")
         reference = self.reference(raw.get("reference", {}), space, grid is not None)
         name = name or self.path.stem
-        if not re.fullmatch(r"\w[\w.-]{0,99}", name):
+        if not re.fullmatch(r"\w[\w.-]{0,99}(:confirm)?", name):  # X:confirm: a confirmation (service.confirm)
             self.fail("name", f"{name!r}: a study's name (its file's name) must be letters, digits, '_', '-' or "
                               f"'.', not starting with '.' or '-': it names the study's folders and logs")
         spec = StudySpec(name, self.path, raw.get("description", ""),
                          self.choice("direction", raw.get("direction"), DIRECTIONS),
                          self.choice("metric", raw.get("metric"), METRICS), n_trials,
                          self.integer("keep_best", raw.get("keep_best", 1), 0), train, space, sampler, pruner,
-                         reference, raw.get("reference_source", ""))
+                         reference, raw.get("reference_source", ""), self.confirm(raw.get("confirm", {}), space))
         for section, build in (("sampler", spec.make_sampler), ("pruner", spec.make_pruner)):
             try:
                 build()
@@ -399,6 +402,21 @@ class _Loader:
         for value in (low, high):
             self.check_config(where, {**train, name: number(value)})
         return ParamSpec(name, kind, number(low), number(high), log, None if step is None else number(step))
+
+    def confirm(self, raw: Any, space: dict[str, ParamSpec]) -> dict[str, int]:
+        """[confirm]: top (>= 1) and seeds (>= 2) are required, seed_base (>= 0) is optional."""
+        raw = self.table("confirm", raw)
+        for key in raw:
+            if key not in CONFIRM_KEYS:
+                self.fail(f"confirm.{key}", f"unknown key (allowed: {', '.join(CONFIRM_KEYS)})")
+        if raw:
+            for key in ("top", "seeds"):
+                if key not in raw:
+                    self.fail(f"confirm.{key}", "missing")
+            searched = [p.name for p in space.values() if "seed" in p.controls()]
+            if searched:
+                self.fail("confirm", f"space.{searched[0]} searches the training seed, which a confirmation varies")
+        return {k: self.integer(f"confirm.{k}", v, CONFIRM_KEYS[k]) for k, v in raw.items()}
 
     def reference(self, raw: Any, space: dict[str, ParamSpec], is_grid: bool) -> dict[str, dict[str, float]]:
         """[reference]: one row of published scores per grid point, keyed by the point's grid_key()."""
