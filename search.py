@@ -37,7 +37,7 @@ from service.launch import start_workers, stop_workers, worker_devices
 from service.progress import follow, print_summary, write_trials_csv
 from service.slurm import add_slurm_arguments, check_arguments, run_array
 from service.study import (FINISHED, OVERRIDE_FLAGS, SEED, StudyIdentityError, add_override_arguments, bounded,
-                           configure_logging, load_study_spec, open_study, study_key, trial_counts)
+                           load_study_spec, open_study, storage_url, study_key, trial_counts)
 from studies import StudySpec, StudySpecError
 
 logger = logging.getLogger("search")
@@ -280,13 +280,9 @@ def run(argv: list[str] | None = None) -> int:
     add_slurm_arguments(parser)
     add_override_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        url = storage_lib.resolve_url(args.storage, args.storage_file)
-    except storage_lib.StorageUnavailable as exc:
-        configure_logging(None)
-        logger.error("%s", exc)
+    url = storage_url(args, logger)
+    if url is None:
         return 2
-    configure_logging(url)
     problem = None if args.status or args.results or args.dashboard or args.report or args.export_best \
         else check_arguments(args, url)
     if problem:

@@ -39,8 +39,8 @@ import storage as storage_lib
 from mtbert.tasks import SCORES
 from mtbert.config import device_problem
 from service import confirm, optuna_compat
-from service.study import (FINISHED, SEED, StudyIdentityError, add_override_arguments, bounded, configure_logging,
-                           load_study_spec, open_study, run_id, study_uuid, trial_counts, trial_dir, trial_root)
+from service.study import (FINISHED, SEED, StudyIdentityError, add_override_arguments, bounded, load_study_spec,
+                           open_study, run_id, storage_url, study_uuid, trial_counts, trial_dir, trial_root)
 from studies import StudySpec, StudySpecError
 
 logger = logging.getLogger("worker")
@@ -350,13 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no per-epoch progress bars")
     add_override_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        url = storage_lib.resolve_url(args.storage, args.storage_file)
-    except storage_lib.StorageUnavailable as exc:
-        configure_logging(None)
-        logger.error("%s", exc)
+    url = storage_url(args, logger)
+    if url is None:
         return 2
-    configure_logging(url)
     device = f"cuda:{args.gpu}" if args.gpu is not None else args.device
     try:
         if confirm.is_confirmation(args.study):  # X:confirm: the trials search.py --confirm enqueued

@@ -236,3 +236,16 @@ def configure_logging(url: str | None, quiet: bool = False) -> None:
         storage_lib.install_secret_filter(storage_lib.resolve_url(url))
     except storage_lib.StorageUnavailable:  # reported by the caller when it opens the storage
         pass
+
+
+def storage_url(args: argparse.Namespace, log: logging.Logger) -> str | None:
+    """The storage URL of a CLI's --storage / --storage-file (storage.add_storage_arguments), with
+    logging configured to mask it; None, with one ERROR line on `log`, when it cannot be resolved."""
+    try:
+        url = storage_lib.resolve_url(args.storage, args.storage_file)
+    except storage_lib.StorageUnavailable as exc:
+        configure_logging(None)
+        log.error("%s", exc)
+        return None
+    configure_logging(url)
+    return url
