@@ -13,6 +13,9 @@
 #            workers per GPU search.py chooses (WORKERS_PER_GPU overrides), CUDA MPS when it starts (MPS=0: off).
 #            Stopped with SIGTERM before the budget ends: running trials are handed back, and the
 #            next run resumes the study (and, on a still-warm machine, the trials' checkpoints)
+#   confirm  (not in the default STAGES) python search.py --study lr_dropout --confirm 3 --seeds 3 (CONFIRM_K,
+#            CONFIRM_N): the top 3 configurations re-trained with 3 fresh seeds (issue 13), resumable like the
+#            study; run it once the study's budget is met, e.g. STAGES="confirm report holdout"
 #   report   python search.py --study lr_dropout --report: docs/lr_dropout/
 #   holdout  --export-best: the best trial's predictions of data/holdout/*.csv: docs/holdout/lr_dropout/
 #   pack     aggregate training throughput of 1, 2, 4, 8 processes on one GPU (PACK_NS), graphs step
@@ -165,6 +168,17 @@ if wanted study; then
   total=$(( $(cat "$STATE/study-seconds" 2>/dev/null || echo 0) + spent ))
   echo "$total" > "$STATE/study-seconds"
   log "study: $spent s this call, $total s over all calls; $(study_status)"
+fi
+
+# ------------------------------------------------------------ confirmation under fresh seeds
+if wanted confirm && [ -f "$DB" ]; then
+  after=0; for s in report holdout; do wanted $s && after=$(( after + 45 )); done
+  # the search's overrides ($STUDY_ARGS) must match the study's; the confirmation re-trains recorded configs
+  # shellcheck disable=SC2086
+  run confirm 60 $(( $(left) - after )) python3 search.py --study lr_dropout --storage "sqlite:///$DB" \
+    --confirm "${CONFIRM_K:-3}" --seeds "${CONFIRM_N:-3}" $STUDY_ARGS
+  log "confirm: $(python3 search.py --study lr_dropout --storage "sqlite:///$DB" --status 2>/dev/null \
+    | grep -m1 -E 'is better than|cannot be told apart|Only one configuration')"
 fi
 
 # ------------------------------------------------------------ report and held-out predictions
