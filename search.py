@@ -17,7 +17,8 @@ leaderboard, and writes the trials CSV and the report (reports/<study>/) once th
 
 Exit status: 0 when the budget is met (or was already: nothing to run) or the run was stopped
 with Ctrl-C/SIGTERM; 1 when a worker failed (its last ERROR line is printed); 2 for a bad study
-file, storage or argument.
+file, storage or argument; 3 when the storage stayed unreachable longer than
+MTBERT_STORAGE_OUTAGE_SECONDS (the running trials are retried when the study runs again).
 """
 from __future__ import annotations
 
@@ -261,7 +262,8 @@ def run(argv: list[str] | None = None) -> int:
                       help="regenerate the source-report results page from the storage (--out, default "
                            "docs/results.md); needs no --study")
     mode.add_argument("--export-best", metavar="DIR",
-                      help="copy the best trial's checkpoint to DIR and write its CS224N predictions")
+                      help="copy the best trial's checkpoint to DIR and write its CS224N predictions (with a "
+                           "confirmation: the best confirmed configuration's best seed)")
     parser.add_argument("--confirm", type=bounded(int, 0), metavar="K", default=None,
                         help="after the search, re-train its top K complete configurations (full epochs, no "
                              "pruning) with --seeds fresh training seeds each, as the study <study>:confirm; "
