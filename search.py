@@ -157,6 +157,8 @@ def run_workers(study_arg: str, study: optuna.Study, spec: StudySpec, url: str,
         signal.signal(signal.SIGINT, _during_shutdown)  # from here on a signal must not break the shutdown
         signal.signal(signal.SIGTERM, _during_shutdown)
         stop_workers(workers)
+        signal.signal(signal.SIGINT, _interrupt)  # stopped: a signal now stops what follows (e.g. a confirmation)
+        signal.signal(signal.SIGTERM, _interrupt)
     for w in workers:
         if w.failed:
             logger.error("worker %d %s: %s (log: %s)", w.index, w.exit_text(), w.last_error(), w.log_path)
@@ -294,6 +296,10 @@ def run(argv: list[str] | None = None) -> int:
         return write_results(url, Path(args.out or ROOT / "docs" / "results.md"))
     if not args.study:
         parser.error("--study is required (except with --results)")
+    if confirm.is_confirmation(args.study):
+        parent = args.study[: -len(confirm.SUFFIX)]
+        parser.error(f"{args.study} is a confirmation study: `python search.py --study {parent} --status` shows it, "
+                     f"`--confirm K --seeds N` runs it, `worker.py --study {args.study}` joins it")
     if args.predict and not args.export_best:
         parser.error("--predict goes with --export-best DIR")
     if (args.confirm is not None or args.seeds is not None) and (args.status or args.dashboard or args.report
@@ -340,6 +346,9 @@ def run(argv: list[str] | None = None) -> int:
             print(f"budget met: {finished} of {spec.n_trials} trials finished; on to the confirmation")
         if status == 3:
             return 3
+        if request is not None and (status != 0 or stopped):
+            logger.warning("confirmation not started: the search %s; the same command continues it, then confirms",
+                           "was stopped" if stopped else "had a failed worker")
         if request is not None and status == 0 and not stopped:
             try:
                 status, stopped = run_confirmation(study, spec, url, args, request)

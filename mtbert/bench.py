@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
-    steps = args.steps or (100 if cuda else 20)
+    steps = args.steps if args.steps is not None else (100 if cuda else 20)
     warmup = args.warmup if args.warmup is not None else (20 if cuda else 3)
     variants = list(VARIANTS if args.variants == ["all"] else args.variants or
                     (["reference", "eager", "static"] + (["graphs"] if cuda else [])))

@@ -14,6 +14,19 @@ DEVICE_HELP = "'auto' (the first GPU if there is one, else the CPU), 'cpu', 'cud
 DATA_HELP = "folder of the CS224N-format files (default: $MTBERT_DATA_DIR, else ./data)"
 
 
+def at_least(low: int):
+    """An argparse type: a whole number >= low (a usage error naming the flag otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {low}, got {text!r}")
+        return value
+    return parse
+
+
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mtbert.train",
@@ -46,7 +59,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
                              "../shared/data/holdout/*-holdout-student.csv -> {sst,para,sts}-holdout-output.csv)")
     parser.add_argument("--out", default=None, help="where to write the CSVs (default: CHECKPOINT/predictions)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    parser.add_argument("--batch-size", type=int, default=256,
+    parser.add_argument("--batch-size", type=at_least(1), default=256,
                         help="sentences per evaluation forward pass (default: %(default)s)")
     return parser
 
@@ -60,10 +73,12 @@ def bench_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--shapes", choices=["model", "bert-base"], default="model",
                         help="'bert-base': a randomly initialised bert-base-sized encoder, for speed only "
                              "(default: model)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16],
+    parser.add_argument("--batch-sizes", type=at_least(1), nargs="+", default=[16],
                         help="examples per task per step (default: 16)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on CPU, 100 on CUDA)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first, eager-like variants (default: 3 CPU, 20 CUDA)")
+    parser.add_argument("--steps", type=at_least(1), default=None,
+                        help="timed steps (default: 20 on CPU, 100 on CUDA)")
+    parser.add_argument("--warmup", type=at_least(0), default=None,
+                        help="untimed steps first, eager-like variants (default: 3 CPU, 20 CUDA)")
     parser.add_argument("--compile", action="store_true",
                         help="CUDA: also measure compile and graphs+compile, at the largest batch size (compiling is slow)")
     parser.add_argument("--packing", action="store_true", help="CUDA: also measure the packed-input step")

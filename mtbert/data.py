@@ -17,7 +17,9 @@ from .tasks import TASK_TABLE, TASKS
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test-student")
-CACHE_VERSION = 2  # 2: pair tasks also hold the joint "[CLS] s1 [SEP] s2" encoding (TaskData.pair)
+# 2: pair tasks hold the joint "[CLS] s1 [SEP] s2" encoding (TaskData.pair); 3: unlabelled rows with an empty
+# sentence are kept
+CACHE_VERSION = 3
 
 
 class DataError(RuntimeError):
@@ -89,7 +91,8 @@ def read_task(path: Path, task: str, labelled: bool = True) -> RawTask:
 
     Malformed: a missing or extra field, an unusable label, broken quoting, a byte that is not UTF-8,
     or a field longer than the csv module's limit (131072 characters): no sentence of the tasks comes
-    near it.
+    near it. An empty field is malformed too, except a sentence of an unlabelled file (`labelled=False`:
+    files to predict): that row is kept with its empty sentence, so that every id gets a prediction.
     """
     spec = TASK_TABLE[task]
     columns = spec.sentence_columns + ((spec.label_column,) if labelled else ())
@@ -99,7 +102,7 @@ def read_task(path: Path, task: str, labelled: bool = True) -> RawTask:
     ids: list[str] = []
     sentences: list[list[str]] = [[] for _ in spec.sentence_columns]
     labels: list[float] = []
-    skipped, first_bad = 0, None
+    skipped, first_bad, empty = 0, None, 0
     try:
         f = open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
     except OSError as exc:
@@ -125,18 +128,23 @@ def read_task(path: Path, task: str, labelled: bool = True) -> RawTask:
             values = [(row.get(c) or "").strip() for c in ("id",) + columns]
             label = spec.parse_label(values[-1]) if labelled else 0.0
             # None key: more fields than the header; a newline inside a field: broken quoting
-            if None in row or not all(values) or label is None or any("\n" in v for v in values) \
-                    or _has_undecodable(values):
+            if None in row or not values[0] or (labelled and not all(values)) or label is None \
+                    or any("\n" in v for v in values) or _has_undecodable(values):
                 skipped += 1
                 first_bad = first_bad or reader.line_num
                 continue
+            empty += not all(values)
             ids.append(values[0])
             for i, column in enumerate(sentences):
                 column.append(values[1 + i])
             if labelled:
                 labels.append(label)
     if skipped:
-        logger.warning("%s: skipped %d malformed row(s) (first at line %d)", path, skipped, first_bad)
+        logger.warning("%s: skipped %d malformed row(s) (first at line %d)%s", path, skipped, first_bad,
+                       "" if labelled else ": their ids get no prediction")
+    if empty:
+        logger.warning("%s: %d row(s) with an empty sentence, predicted from the empty text so that their ids "
+                       "have a prediction", path, empty)
     return RawTask(task, ids, sentences, labels if labelled else None, skipped)
 
 

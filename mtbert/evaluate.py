@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import DataError, TaskData, encode, joint_inputs, load_task, read_task, sorted_batches, task_path
+from .data import (DataError, RawTask, TaskData, encode, joint_inputs, load_task, read_task, sorted_batches,
+                   task_path)
 from .inputs import Piece, embed_pieces, input_mode
 from .methods import head_output
 from .static_step import bucket
@@ -135,14 +136,39 @@ def output_name(task: str, file_name: str) -> str:
 
 def file_task(path: Path) -> str:
     """The task of a CS224N-format file, from its header and name (tasks.task_of_file); DataError if none."""
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, not a file (name the files: {path}/*.csv)")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f, delimiter="\t"), [])
+    try:  # the header line only; a BOM is dropped, and a stray byte becomes a non-matching character
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            header = next(csv.reader([f.readline()], delimiter="\t"), [])
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
         return task_of_file(path.name, [c.strip() for c in header])
     except ValueError as exc:
         raise DataError(f"{path}: {exc}") from None
+
+
+def read_unlabelled(paths: list[Path]) -> list[tuple[Path, str, str, RawTask]]:
+    """Read every file to predict, checking all of them before anything is written: (path, task, output
+    name, rows) each. DataError for a file that fits no task or has no usable row, a folder, or two files
+    that would write the same output."""
+    paths = [Path(p) for p in paths]
+    tasks = [file_task(p) for p in paths]
+    names = [output_name(t, p.name) for t, p in zip(tasks, paths)]
+    for name in set(names):
+        clash = [str(p) for p, n in zip(paths, names) if n == name]
+        if len(clash) > 1:
+            raise DataError(f"{' and '.join(clash)} would both be written to {name}; rename one")
+    files = []
+    for path, task, name in zip(paths, tasks, names):
+        raw = read_task(path, task, labelled=False)
+        if not raw.ids:
+            raise DataError(f"{path}: no usable rows")
+        files.append((path, task, name, raw))
+    return files
 
 
 def predict_unlabelled(model: nn.Module, tokenizer, paths: list[Path], out_dir: Path, max_length: int = 128,
@@ -154,19 +180,10 @@ def predict_unlabelled(model: nn.Module, tokenizer, paths: list[Path], out_dir: 
     Every file is checked before any is written: a file that fits no task, or two files that would
     write the same output, is one DataError. Returns {file: {"task", "output", "rows", "skipped"}}.
     """
-    paths = [Path(p) for p in paths]
-    tasks = [file_task(p) for p in paths]
-    names = [output_name(t, p.name) for t, p in zip(tasks, paths)]
-    for name in set(names):
-        clash = [str(p) for p, n in zip(paths, names) if n == name]
-        if len(clash) > 1:
-            raise DataError(f"{' and '.join(clash)} would both be written to {name}; rename one")
+    files = read_unlabelled(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
-    for path, task, name in zip(paths, tasks, names):
-        raw = read_task(path, task, labelled=False)
-        if not raw.ids:
-            raise DataError(f"{path}: no usable rows")
+    for path, task, name, raw in files:
         data = TaskData(task, raw.ids, [encode(c, tokenizer, max_length) for c in raw.sentences], None,
                         raw.skipped).to(device)
         write_predictions(out_dir / name, task, data.ids, predict(model, data, batch_size, amp))
@@ -221,6 +238,9 @@ def main(argv: list[str] | None = None) -> None:
                                    args.batch_size, device, amp=device.type == "cuda")
     except (FileNotFoundError, DataError, CheckpointUnreadable) as exc:
         logger.error("%s", exc)
+        sys.exit(1)
+    except OSError as exc:  # --out is a file, under a file, not writable; a full disk
+        logger.error("cannot write %s: %s", exc.filename or out, exc.strerror or exc)
         sys.exit(1)
     logger.info("predictions written to %s", out)
     print(json.dumps(result))

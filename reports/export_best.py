@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 import optuna
@@ -47,7 +48,7 @@ def export_best(study: optuna.Study, spec: StudySpec, out_dir: Path, data_dir: s
     from mtbert.checkpoint import CheckpointUnreadable, checkpoint_identity, load_model
     from mtbert.config import resolve_data_dir
     from mtbert.data import DataError
-    from mtbert.evaluate import predict_files, predict_unlabelled
+    from mtbert.evaluate import predict_files, predict_unlabelled, read_unlabelled
     from mtbert.config import resolve_device
 
     try:
@@ -80,26 +81,42 @@ def export_best(study: optuna.Study, spec: StudySpec, out_dir: Path, data_dir: s
         raise ExportError(f"{source} holds the checkpoint of another run (run id "
                           f"{(identity or {}).get('run_id')!r}, expected {run_id(owner, root)!r}); not exported")
     out_dir = Path(out_dir)
-    shutil.copytree(source, out_dir / "checkpoint", dirs_exist_ok=True)
-    logger.info("exporting %s: checkpoint copied to %s", chosen, out_dir / "checkpoint")
-
+    out_dir.mkdir(parents=True, exist_ok=True)  # a file or an unwritable place fails here, before any work
     device = resolve_device("auto")
     try:
-        model, tokenizer, cfg = load_model(out_dir / "checkpoint", device)
+        model, tokenizer, cfg = load_model(source, device)
     except CheckpointUnreadable as exc:
         raise ExportError(str(exc)) from None
     data = resolve_data_dir(str(data_dir) if data_dir else cfg.data_dir)
-    amp = cfg.amp and device.type == "cuda"
-    metrics = predict_files(model, tokenizer, data, out_dir / "predictions", cfg.max_length, cfg.eval_batch_size,
-                            device, amp=amp)
-    files = predict if predict is not None else sorted((data / "holdout").glob("*.csv"))
+    files = list(predict) if predict is not None else sorted((data / "holdout").glob("*.csv"))
     try:
-        extra = predict_unlabelled(model, tokenizer, list(files), out_dir / "predictions", cfg.max_length,
-                                   cfg.eval_batch_size, device, amp=amp) if files else {}
+        read_unlabelled(files)  # every file to predict is checked before anything is written
     except DataError as exc:
         raise ExportError(str(exc)) from None
-    summary = {"study": study.study_name, "trial": best.number, spec.metric: best.value, "params": best.params,
-               **facts, "chosen": chosen, "data_dir": str(data), "full_dev_metrics": metrics,
-               "predicted": {f: Path(v["output"]).name for f, v in extra.items()}}
-    (out_dir / "best_trial.json").write_text(json.dumps(summary, indent=2))
+
+    # everything is written to a staging folder beside DIR, then moved into DIR entry by entry: a failure
+    # leaves DIR as it was, never a checkpoint of one trial beside the predictions of another
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        shutil.copytree(source, stage / "checkpoint")
+        amp = cfg.amp and device.type == "cuda"
+        try:
+            metrics = predict_files(model, tokenizer, data, stage / "predictions", cfg.max_length,
+                                    cfg.eval_batch_size, device, amp=amp)
+            extra = predict_unlabelled(model, tokenizer, files, stage / "predictions", cfg.max_length,
+                                       cfg.eval_batch_size, device, amp=amp) if files else {}
+        except DataError as exc:
+            raise ExportError(str(exc)) from None
+        summary = {"study": study.study_name, "trial": best.number, spec.metric: best.value, "params": best.params,
+                   **facts, "chosen": chosen, "data_dir": str(data), "full_dev_metrics": metrics,
+                   "predicted": {f: Path(v["output"]).name for f, v in extra.items()}}
+        (stage / "best_trial.json").write_text(json.dumps(summary, indent=2))
+        for entry in ("checkpoint", "predictions", "best_trial.json"):
+            target = out_dir / entry
+            if target.exists() or target.is_symlink():
+                target.rename(stage / f"replaced-{entry}")  # a previous export's: removed with the stage
+            (stage / entry).rename(target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    logger.info("exported %s to %s", chosen, out_dir)
     return out_dir

@@ -75,6 +75,8 @@ def request_from(spec: StudySpec, top: int | None, seeds: int | None) -> Request
     top = table.get("top") if top is None else top
     if seeds is not None and top is None:
         raise ConfirmError("--seeds needs --confirm K (or a [confirm] table in the study file)")
+    if seeds is not None and top == 0:
+        raise ConfirmError("--seeds with --confirm 0: no confirmation runs, so the seeds would be ignored")
     if not top:
         return None
     return Request(top, seeds or table.get("seeds", DEFAULT_SEEDS), table.get("seed_base", DEFAULT_SEED_BASE))
@@ -148,6 +150,9 @@ def create(parent: optuna.Study, spec: StudySpec, url: str | None, request: Requ
             plan = None
         if plan is not None:
             _check_parent(plan, parent_id, name)
+            if request.top < len(plan["parents"]) or request.seeds < len(plan["seeds"]):
+                logger.info("%s already plans %d configuration(s) x %d seed(s); a confirmation only grows, so "
+                            "that plan stays", name, len(plan["parents"]), len(plan["seeds"]))
             known = {p["trial"] for p in plan["parents"]}
             parents = plan["parents"] + [p for p in parents if p["trial"] not in known]
             seeds = plan["seeds"] + [s for s in seeds if s not in plan["seeds"]]
@@ -308,6 +313,7 @@ class Summary:
     configs: list[ConfigResult]
     counts: dict[TrialState, int]
     comparison: PairedComparison | None = None
+    failed: int = 0  # (configuration, seed) slots whose every attempt failed (see failed_slots)
 
     @property
     def maximize(self) -> bool:
@@ -334,6 +340,9 @@ class Summary:
         best = self.configs[0] if self.configs else None
         if best is None:
             return "No confirmation trial is complete yet."
+        if self.complete + self.failed < self.slots:  # a verdict on part of the seeds would read as final
+            return (f"So far {self.complete} of {self.slots} confirmation trials are complete: "
+                    f"no verdict on the search's best until all are.")
         if winner is best:
             return f"The search's single-seed best, #{best.number}, is also the best under fresh seeds."
         first = next(p for p in self.plan["parents"] if p["search_rank"] == 1)
@@ -347,6 +356,15 @@ class Summary:
         return text
 
 
+def failed_slots(trials: list[FrozenTrial]) -> int:
+    """(configuration, seed) slots whose every attempt failed: an attempt handed back by a stopped or
+    killed worker is FAIL too, but its slot was retried, so it is not a failure of the slot."""
+    states: dict[tuple, set] = {}
+    for t in trials:
+        states.setdefault((t.user_attrs.get("parent_trial"), t.user_attrs.get("seed")), set()).add(t.state)
+    return sum(1 for v in states.values() if v == {TrialState.FAIL})
+
+
 def summarize(study: optuna.Study) -> Summary:
     """Group the complete trials of a confirmation study by parent; rank by mean metric over seeds."""
     plan = study.user_attrs["confirm"]
@@ -357,7 +375,8 @@ def summarize(study: optuna.Study) -> Summary:
             configs[parent].runs.setdefault(seed, t)
     maximize = plan["direction"] == "maximize"
     ranked = sorted((c for c in configs.values() if c.runs), key=lambda c: c.mean_sd()[0], reverse=maximize)
-    summary = Summary(study.study_name, plan, ranked, trial_counts(study))
+    summary = Summary(study.study_name, plan, ranked, trial_counts(study),
+                      failed=failed_slots(study.get_trials(deepcopy=False)))
     if len(ranked) >= 2:
         shared = sorted(set(ranked[0].runs) & set(ranked[1].runs))
         summary.comparison = paired_t(ranked[0].values(seeds=shared), ranked[1].values(seeds=shared))
@@ -434,7 +453,7 @@ def report_markdown(parent: optuna.Study, heading: str = "## Confirmation under 
              f"Study `{summary.name}`: the top {len(summary.plan['parents'])} configurations of the search, "
              f"each re-trained with seeds {', '.join(map(str, summary.plan['seeds']))} (full epochs, no pruning); "
              f"{summary.complete} of {summary.slots} trials complete, {counts.get(TrialState.RUNNING, 0)} running, "
-             f"{counts.get(TrialState.WAITING, 0)} waiting, {counts.get(TrialState.FAIL, 0)} failed. "
+             f"{counts.get(TrialState.WAITING, 0)} waiting, {summary.failed} failed. "
              f"Configurations are named by their search trial; mean ± sample standard deviation over seeds."]
     if summary.configs:
         lines += ["", confirmation_table(summary), "", summary.verdict(), summary.search_best_sentence()]

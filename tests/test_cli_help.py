@@ -83,6 +83,16 @@ def test_search_and_worker_show_their_defaults():
     assert "wait between checks when all remaining trials run elsewhere (default: 5)" in worker
 
 
+def test_counts_below_their_minimum_and_a_confirmation_name_are_usage_errors():
+    for args, fragment in ((("-m", "mtbert.bench", "--steps", "0"), "argument --steps: must be a whole number >= 1"),
+                           (("-m", "mtbert.bench", "--batch-sizes", "0"), "argument --batch-sizes: must be a whole"),
+                           (("-m", "mtbert.evaluate", "--checkpoint", "x", "--batch-size", "-1"), "--batch-size: must"),
+                           (("search.py", "--study", "quickstart:confirm", "--status"),
+                            "`python search.py --study quickstart --status` shows it")):
+        proc = run(*args)
+        assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_a_skipped_postgresql_group_says_why(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MTBERT_TEST_PG_URL", "CI")}
     env.update(MTBERT_PG_PORT="1", MTBERT_PG_DIR=str(tmp_path / "pg"),  # no server there

@@ -111,6 +111,8 @@ def test_request_from_flags_and_table(tmp_path):
     assert confirm.request_from(table, 0, None) is None
     with pytest.raises(ConfirmError, match="--seeds needs --confirm K"):
         confirm.request_from(plain, None, 4)
+    with pytest.raises(ConfirmError, match="--seeds with --confirm 0: no confirmation runs"):
+        confirm.request_from(table, 0, 4)
 
 
 # ------------------------------------------------------------ a synthetic study: creation, summary, export choice
@@ -447,3 +449,24 @@ def test_search_py_confirm_runs_the_search_then_its_confirmation_once(tmp_path, 
     assert again.returncode == 0, again.stderr
     assert "4 trials; 0 enqueued now" in again.stderr
     assert len(load(url, "e2e:confirm").trials) == 4 and len(load(url, "e2e").trials) == 2
+
+
+def test_no_verdict_on_the_search_best_until_every_slot_is_settled(tmp_path):
+    parent, spec, url = synthetic_parent(tmp_path)
+    study, _, _ = confirm.create(parent, spec, url, Request(2, 2))
+    # one configuration, one seed done; another attempt handed back by a stopped worker (FAIL, then retried)
+    trial = study.ask()
+    study.tell(trial, 0.6)
+    handed_back = study.ask()
+    study.tell(handed_back, state=TrialState.FAIL)
+    study.enqueue_trial(handed_back.params, user_attrs=dict(handed_back.user_attrs))  # its retry
+    summary = confirm.summarize(study)
+    assert summary.search_best_sentence() == ("So far 1 of 4 confirmation trials are complete: no verdict on the "
+                                              "search's best until all are.")
+    assert summary.failed == 0  # a handed-back attempt whose slot was retried is no failure
+    assert "0 failed" in confirm.report_markdown(parent)
+    run_synthetic(study, {0: [0.6, 0.62], 4: [0.5, 0.52]})
+    summary = confirm.summarize(study)
+    assert summary.search_best_sentence() == "The search's single-seed best, #0, is also the best under fresh seeds."
+    # a slot whose only attempt failed (NaN loss, say) counts as failed and settles
+    assert confirm.failed_slots([study.trials[handed_back.number]]) == 1

@@ -34,8 +34,9 @@ def run(tmp_path_factory, tiny_model) -> dict:
                                  ("sts", "sts-dev.csv", "sts-holdout-student.csv")):
         lines = [line.rsplit("\t", 1)[0] for line in (data / dev_name).read_text().splitlines()]
         n_sentences = lines[0].count("\t") - 1
-        bad = ["900\tbad1" + "\t" * n_sentences,  # empty sentence(s)
-               "901\tbad2\t" + "\t".join(["a b"] * n_sentences) + "\textra"]  # one field too many
+        bad = ["900\t\t" + "\t".join(["a b"] * n_sentences),  # no id
+               "901\tbad2\t" + "\t".join(["a b"] * n_sentences) + "\textra",  # one field too many
+               "902\tempty1" + "\t" * n_sentences]  # empty sentence(s): kept, so that the id has a prediction
         (holdout / name).write_text("\n".join(lines[:5] + bad + lines[5:]) + "\n")
     return {"run": folder / "run", "data": data, "holdout": holdout}
 
@@ -70,14 +71,18 @@ def test_predict_writes_the_course_format_for_every_file(run, tmp_path, caplog, 
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {Path(v["output"]).name for v in result.values()} == {
         "sst-holdout-output.csv", "para-holdout-output.csv", "sts-holdout-output.csv"}
-    assert all(v["rows"] == 24 and v["skipped"] == 2 for v in result.values())
-    assert sum("skipped 2 malformed" in r.getMessage() for r in caplog.records) == 3  # one warning per file
+    assert all(v["rows"] == 25 and v["skipped"] == 2 for v in result.values())
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("skipped 2 malformed" in m and "their ids get no prediction" in m for m in messages) == 3
+    assert sum("1 row(s) with an empty sentence" in m for m in messages) == 3  # one warning per file
     for task, stem in (("sst", "sst"), ("quora", "para"), ("sts", "sts")):
         lines = rows(out / f"{stem}-holdout-output.csv")
         assert lines[0] == f"id \t {HEADERS[task]} "
-        assert len(lines) == 25 and all(" , " in line and line.endswith(" ") for line in lines[1:])
+        assert len(lines) == 26 and all(" , " in line and line.endswith(" ") for line in lines[1:])
         assert not any(line.startswith("bad") for line in lines)
-        assert lines == rows(tmp_path / "dev" / f"{stem}-dev-output.csv")  # same ids, order and values as dev
+        assert sum(line.startswith("empty1 , ") for line in lines) == 1  # an empty sentence still gets its id
+        kept = [line for line in lines if not line.startswith("empty1 ")]
+        assert kept == rows(tmp_path / "dev" / f"{stem}-dev-output.csv")  # same ids, order and values as dev
 
 
 def test_a_file_that_fits_no_task_is_one_clear_error_and_nothing_is_written(run, tmp_path, caplog):
@@ -129,3 +134,60 @@ def test_export_best_predicts_the_holdout_folder(run, tmp_path, tiny_model, monk
     bad.write_text("\tid\ttext\n0\ta\thello\n")
     with pytest.raises(ExportError, match="match no task"):
         export_best(study, spec, tmp_path / "best3", run["data"], [bad])
+
+
+def test_a_stray_byte_or_a_bom_in_a_file_to_predict_is_no_crash(run, tmp_path, capsys):
+    data = (run["holdout"] / "sts-holdout-student.csv").read_bytes()
+    lines = data.split(b"\n")
+    lines[3] = lines[3].replace(b" ", b" \xe9 ", 1)  # one byte that is not UTF-8, in a row
+    stray = tmp_path / "sts-stray.csv"
+    stray.write_bytes(b"\n".join(lines))
+    bom = tmp_path / "ids-sst-bom-student.csv"
+    bom.write_bytes(b"\xef\xbb\xbfid\tsentence\nA1\ta good film\nA2\ta bad film\n")  # a BOM, no index column
+    evaluate_main(["--checkpoint", str(run["run"]), "--predict", str(stray), str(bom), "--out", str(tmp_path / "o")])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result[str(stray)]["skipped"] == 3  # the fixture's two bad rows and the stray-byte row
+    assert (result[str(bom)]["task"], result[str(bom)]["rows"]) == ("sst", 2)
+
+
+def test_an_out_folder_that_is_a_file_is_one_line(run, tmp_path, caplog):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile, afile / "sub"):
+        caplog.clear()
+        with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_info:
+            evaluate_main(["--checkpoint", str(run["run"]), "--predict",
+                           str(run["holdout"] / "sts-holdout-student.csv"), "--out", str(out)])
+        assert exit_info.value.code == 1 and f"cannot write {afile}" in caplog.text
+
+
+def test_a_failed_export_leaves_the_previous_export_as_it_was(run, tmp_path, tiny_model, monkeypatch):
+    from reports.export_best import ExportError, export_best
+    from service.study import open_study, run_id, trial_dir
+    from studies import load_spec
+    from test_reports import made_trial
+    from test_search import write_study
+
+    monkeypatch.setenv("MTBERT_CHECKPOINT_DIR", str(tmp_path / "ck"))
+    spec = load_spec(write_study(tmp_path, "again", Path("unused"), run["data"], n_trials=3))
+    study = open_study(spec, f"sqlite:///{tmp_path / 'again.db'}", {})
+    study.add_trial(made_trial(TrialState.COMPLETE, 0.4, 1))
+    cfg = TrainConfig(model=str(tiny_model), data_dir=str(run["data"]), epochs=1, batch_size=8, device="cpu",
+                      eval_batch_size=32, lr=1e-3)
+    train(cfg, out_dir=trial_dir(study, 0), run_id=run_id(study, 0), progress=False)
+    out = tmp_path / "best"
+    export_best(study, spec, out, run["data"])
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # a better trial appears; its export fails on a bad file and must not leave its checkpoint in DIR
+    study.add_trial(made_trial(TrialState.COMPLETE, 0.5, 1))
+    train(cfg.replace(lr=1e-4), out_dir=trial_dir(study, 1), run_id=run_id(study, 1), progress=False)
+    ambiguous = tmp_path / "pairs.csv"
+    ambiguous.write_text("\tid\tsentence1\tsentence2\n0\ta\tx y\ty z\n")
+    with pytest.raises(ExportError, match="put one of"):
+        export_best(study, spec, out, run["data"], [ambiguous])
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # nothing of the failed export, nothing of the previous one lost
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # no staging folder left behind
+    # a successful re-export replaces the previous one's entries (stale holdout outputs go with it)
+    export_best(study, spec, out, run["data"], [run["holdout"] / "sts-holdout-student.csv"])
+    assert sorted(p.name for p in (out / "predictions").glob("*holdout*")) == ["sts-holdout-output.csv"]
