@@ -157,8 +157,9 @@ def run_workers(study_arg: str, study: optuna.Study, spec: StudySpec, url: str,
         signal.signal(signal.SIGINT, _during_shutdown)  # from here on a signal must not break the shutdown
         signal.signal(signal.SIGTERM, _during_shutdown)
         stop_workers(workers)
-        signal.signal(signal.SIGINT, _interrupt)  # stopped: a signal now stops what follows (e.g. a confirmation)
-        signal.signal(signal.SIGTERM, _interrupt)
+        if not stopped:  # the budget was met: a signal now stops what follows (a confirmation being set up)
+            signal.signal(signal.SIGINT, _interrupt)
+            signal.signal(signal.SIGTERM, _interrupt)
     for w in workers:
         if w.failed:
             logger.error("worker %d %s: %s (log: %s)", w.index, w.exit_text(), w.last_error(), w.log_path)
