@@ -15,6 +15,11 @@ SCHEDULES = ("linear", "cosine", "constant")
 ENCODINGS = ("bi", "cross", "both")  # pair encoding of a pair task
 TASK_SAMPLINGS = ("all", "round_robin", "proportional", "sqrt", "annealed")
 LOSS_WEIGHTINGS = ("sum", "fixed", "uncertainty")
+STEPS = ("auto", "eager", "static", "graphs")  # mtbert.static_step.resolve_step
+POOLINGS = ("mean", "cls")
+# the fields whose values are names: their command-line flags accept only these (a usage error otherwise)
+CHOICES = {"pooling": POOLINGS, "schedule": SCHEDULES, "step": STEPS, "task_sampling": TASK_SAMPLINGS,
+           "loss_weighting": LOSS_WEIGHTINGS, "quora_encoding": ENCODINGS, "sts_encoding": ENCODINGS}
 
 
 def _names(values: Iterable[str]) -> str:
@@ -107,7 +112,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         checks = [
-            (self.pooling in ("mean", "cls"), "pooling must be 'mean' or 'cls'"),
+            (self.pooling in POOLINGS, f"pooling must be one of {_names(POOLINGS)}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {_names(SCHEDULES)}"),
             (0.0 <= self.hidden_dropout_prob < 1.0, "hidden_dropout_prob must be in [0, 1)"),
             (self.lr > 0 and self.head_lr > 0, "learning rates must be positive"),
@@ -117,7 +122,7 @@ class TrainConfig:
             (self.max_length >= 8, "max_length must be >= 8"),
             (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)"),
             (device_problem(self.device) is None, device_problem(self.device) or ""),
-            (self.step in ("auto", "eager", "static", "graphs"), "step must be 'auto', 'eager', 'static' or 'graphs'"),
+            (self.step in STEPS, f"step must be one of {_names(STEPS)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -243,6 +248,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: Iterable[str] |
                 kwargs["help"] += f" (default: {'on' if f.default else 'off'})"
         else:
             kwargs["type"] = type(f.default) if f.default is not None else str
+            if f.name in CHOICES:
+                kwargs["choices"] = CHOICES[f.name]
             # a help that names its default in words (None, the "default" sentinel) keeps it; others show the value
             kwargs["help"] += "" if overrides_only or "(default:" in text else " (default: %(default)s)"
         parser.add_argument(flag, **kwargs)
