@@ -71,7 +71,8 @@ class TrialEvents:
             epoch = self._last_epoch(t)
             if old_state is None:
                 retry = t.system_attrs.get("failed_trial")
-                again = f" (retry of trial {retry}: resumes from its last checkpoint)" if retry is not None else ""
+                again = (f" (retry of trial {retry}: resumes from its last epoch checkpoint, if it wrote one)"
+                         if retry is not None else "")
                 lines.append(f"trial {t.number} started: {format_params(t.params)}{again}")
             if epoch > old_epoch:
                 lines += [self.epoch_line(t, e) for e in sorted(t.intermediate_values) if e > old_epoch]
