@@ -104,21 +104,34 @@ def test_a_file_that_fits_no_task_is_one_clear_error_and_nothing_is_written(run,
     assert "put one of 'para', 'quora', 'sts' in the file name" in caplog.text
 
 
-def test_export_best_predicts_the_holdout_folder(run, tmp_path, tiny_model, monkeypatch):
-    from reports.export_best import ExportError, export_best
-    from service.study import open_study, run_id, trial_dir
-    from studies import load_spec
+def trained_trial(study, run, tiny_model, value: float, lr: float = 1e-3) -> None:
+    """A complete trial of `study` with its own checkpoint, where the worker writes it (keyed by the
+    study's identity)."""
+    from service.study import run_id, trial_dir
     from test_reports import made_trial
+
+    study.add_trial(made_trial(TrialState.COMPLETE, value, 1))
+    number = len(study.trials) - 1
+    cfg = TrainConfig(model=str(tiny_model), data_dir=str(run["data"]), epochs=1, batch_size=8, device="cpu",
+                      eval_batch_size=32, lr=lr)
+    train(cfg, out_dir=trial_dir(study, number), run_id=run_id(study, number), progress=False)
+
+
+def export_study(tmp_path, run, name: str):
+    from service.study import open_study
+    from studies import load_spec
     from test_search import write_study
 
+    spec = load_spec(write_study(tmp_path, name, Path("unused"), run["data"], n_trials=3))
+    return open_study(spec, f"sqlite:///{tmp_path / (name + '.db')}", {}), spec
+
+
+def test_export_best_predicts_the_holdout_folder(run, tmp_path, tiny_model, monkeypatch):
+    from reports.export_best import ExportError, export_best
+
     monkeypatch.setenv("MTBERT_CHECKPOINT_DIR", str(tmp_path / "ck"))
-    spec = load_spec(write_study(tmp_path, "edge", Path("unused"), run["data"], n_trials=3))
-    study = open_study(spec, f"sqlite:///{tmp_path / 'edge.db'}", {})
-    study.add_trial(made_trial(TrialState.COMPLETE, 0.4, 1))
-    # the trial's own checkpoint, where the worker writes it (keyed by the study's identity)
-    cfg = TrainConfig(model=str(tiny_model), data_dir=str(run["data"]), epochs=1, batch_size=8, device="cpu",
-                      eval_batch_size=32, lr=1e-3)
-    train(cfg, out_dir=trial_dir(study, 0), run_id=run_id(study, 0), progress=False)
+    study, spec = export_study(tmp_path, run, "edge")
+    trained_trial(study, run, tiny_model, 0.4)
     out = export_best(study, spec, tmp_path / "best", run["data"])
     names = {p.name for p in (out / "predictions").iterdir()}
     assert {"sst-holdout-output.csv", "para-holdout-output.csv", "sts-holdout-output.csv"} <= names
@@ -163,24 +176,15 @@ def test_an_out_folder_that_is_a_file_is_one_line(run, tmp_path, caplog):
 
 def test_a_failed_export_leaves_the_previous_export_as_it_was(run, tmp_path, tiny_model, monkeypatch):
     from reports.export_best import ExportError, export_best
-    from service.study import open_study, run_id, trial_dir
-    from studies import load_spec
-    from test_reports import made_trial
-    from test_search import write_study
 
     monkeypatch.setenv("MTBERT_CHECKPOINT_DIR", str(tmp_path / "ck"))
-    spec = load_spec(write_study(tmp_path, "again", Path("unused"), run["data"], n_trials=3))
-    study = open_study(spec, f"sqlite:///{tmp_path / 'again.db'}", {})
-    study.add_trial(made_trial(TrialState.COMPLETE, 0.4, 1))
-    cfg = TrainConfig(model=str(tiny_model), data_dir=str(run["data"]), epochs=1, batch_size=8, device="cpu",
-                      eval_batch_size=32, lr=1e-3)
-    train(cfg, out_dir=trial_dir(study, 0), run_id=run_id(study, 0), progress=False)
+    study, spec = export_study(tmp_path, run, "again")
+    trained_trial(study, run, tiny_model, 0.4)
     out = tmp_path / "best"
     export_best(study, spec, out, run["data"])
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     # a better trial appears; its export fails on a bad file and must not leave its checkpoint in DIR
-    study.add_trial(made_trial(TrialState.COMPLETE, 0.5, 1))
-    train(cfg.replace(lr=1e-4), out_dir=trial_dir(study, 1), run_id=run_id(study, 1), progress=False)
+    trained_trial(study, run, tiny_model, 0.5, lr=1e-4)
     ambiguous = tmp_path / "pairs.csv"
     ambiguous.write_text("\tid\tsentence1\tsentence2\n0\ta\tx y\ty z\n")
     with pytest.raises(ExportError, match="put one of"):
