@@ -90,6 +90,14 @@ def clean_pg_url(pg_url: str):
 # ---------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path):
+    """Each test that takes it runs twice: on a fresh SQLite file and on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'study.db'}"
+    return request.getfixturevalue("clean_pg_url")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_caches(tmp_path_factory):
     """Token caches, artifacts and checkpoints of the tests go to temp folders, never into the repo."""

@@ -22,7 +22,7 @@ from service.confirm import ConfirmError, Request
 from service.stats import mean_sd, paired_t, t_quantile, verdict
 from service.study import open_study, study_uuid
 from studies import StudySpecError, load_spec
-from test_search import env, load, storage_url, write_study  # noqa: F401 - fixtures
+from test_search import env, load, write_study  # noqa: F401 - env is a fixture
 from tiny import write_data
 from worker import Worker
 

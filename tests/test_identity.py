@@ -37,13 +37,6 @@ def env(tmp_path):
             "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def storage_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'study.db'}"
-    return request.getfixturevalue("clean_pg_url")
-
-
 def tiny_cfg(tiny_model: Path, tiny_data: Path, **kw) -> TrainConfig:
     base = dict(model=str(tiny_model), data_dir=str(tiny_data), epochs=2, batch_size=8, device="cpu",
                 eval_batch_size=32, lr=1e-3)
@@ -426,13 +419,23 @@ def interrupt_after_first_epoch(monkeypatch):
     monkeypatch.setattr(mtbert.train, "train", interrupted_train)
 
 
-def test_a_completed_retry_does_not_show_the_old_fail_reason(tmp_path, tiny_model, tiny_data, monkeypatch):
+def handed_back_after_one_epoch(tmp_path, tiny_model, tiny_data, monkeypatch):
+    """A one-trial study whose trial a worker handed back after its first epoch; and how to run a worker on it."""
     study_file = write_study(tmp_path, "retry", tiny_model, tiny_data, n_trials=1, epochs=2, pruner='type = "none"')
     spec = load_spec(study_file)
     study = open_study(spec, f"sqlite:///{tmp_path / 'r.db'}", {})
+
+    def run_worker() -> None:
+        Worker(study, spec, device="cpu", progress=False, checkpoint_root=tmp_path / "ck").run()
+
     interrupt_after_first_epoch(monkeypatch)
-    Worker(study, spec, device="cpu", progress=False, checkpoint_root=tmp_path / "ck").run()
-    Worker(study, spec, device="cpu", progress=False, checkpoint_root=tmp_path / "ck").run()
+    run_worker()
+    return study, run_worker
+
+
+def test_a_completed_retry_does_not_show_the_old_fail_reason(tmp_path, tiny_model, tiny_data, monkeypatch):
+    study, run_worker = handed_back_after_one_epoch(tmp_path, tiny_model, tiny_data, monkeypatch)
+    run_worker()
     first, retry = study.trials
     assert first.state == TrialState.FAIL and first.user_attrs["fail_reason"] == "worker stopped by a signal; retried"
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] == 1
@@ -442,14 +445,11 @@ def test_a_completed_retry_does_not_show_the_old_fail_reason(tmp_path, tiny_mode
 
 
 def test_a_retry_whose_checkpoint_is_damaged_restarts_from_scratch(tmp_path, tiny_model, tiny_data, monkeypatch):
-    study_file = write_study(tmp_path, "torn", tiny_model, tiny_data, n_trials=1, epochs=2, pruner='type = "none"')
-    spec = load_spec(study_file)
-    study = open_study(spec, f"sqlite:///{tmp_path / 't.db'}", {})
-    interrupt_after_first_epoch(monkeypatch)
-    Worker(study, spec, device="cpu", progress=False, checkpoint_root=tmp_path / "ck").run()
-    ckpt = Path(study.trials[0].user_attrs["checkpoint"]) / "checkpoint.pt"
-    ckpt.write_bytes(b"not a checkpoint")
-    Worker(study, spec, device="cpu", progress=False, checkpoint_root=tmp_path / "ck").run()
+    from service.study import trial_dir
+
+    study, run_worker = handed_back_after_one_epoch(tmp_path, tiny_model, tiny_data, monkeypatch)
+    (trial_dir(study, 0, tmp_path / "ck") / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    run_worker()
     retry = study.trials[1]
     assert retry.state == TrialState.COMPLETE  # the configuration is not abandoned
     assert "unreadable checkpoint" in retry.user_attrs["restarted_from_scratch"]

@@ -65,13 +65,6 @@ def env(tmp_path):
             "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def storage_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'study.db'}"
-    return request.getfixturevalue("clean_pg_url")
-
-
 def start_worker(study_file: Path, url: str, env: dict, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "worker.py"), "--study", str(study_file), "--no-progress",
                              "--poll-seconds", "0.5", *extra], cwd=ROOT, env={**env, "MTBERT_STORAGE": url},

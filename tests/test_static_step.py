@@ -166,15 +166,20 @@ def test_a_failed_capture_turns_graphs_off_and_training_goes_on(still_model, une
     assert "graphs off: RuntimeError" in stepper.describe()
 
 
-def test_padding_rows_of_a_short_batch_do_not_count(still_model, uneven_data):
-    """STS has 37 rows: with batch 10 its 4th batch of every pass has 7; the static step pads it to 10."""
-    cfg = cfg_for(still_model, uneven_data)
+def first_epoch_stepper(cfg: TrainConfig) -> StaticStep:
+    """A static step on cfg's data with its first epoch staged (begin_epoch), no step run yet."""
     prepared = prepare(cfg)
     streams = {t: TaskStream(prepared.train[t], cfg.batch_size, cfg.seed) for t in TASKS}
     model = MultitaskBert(copy.deepcopy(prepared.encoder), cfg)
     optimizer, scheduler = build_optimizer(model, cfg, torch.device("cpu"), 100)
     stepper = StaticStep(model, optimizer, scheduler, prepared.train, cfg, False, 100, StepStats(torch.device("cpu")))
     stepper.begin_epoch(epoch_plan(streams, True, 0), streams, 0)
+    return stepper
+
+
+def test_padding_rows_of_a_short_batch_do_not_count(still_model, uneven_data):
+    """STS has 37 rows: with batch 10 its 4th batch of every pass has 7; the static step pads it to 10."""
+    stepper = first_epoch_stepper(cfg_for(still_model, uneven_data))
     counts = {t: sorted(set(stepper.counts[:, j].tolist())) for j, t in enumerate(TASKS)}
     assert counts == {"sst": [10], "quora": [8, 10], "sts": [7, 10]}  # 48 = 4 x 10 + 8, 37 = 3 x 10 + 7
     assert stepper.staged.shape == (7, 30)  # every step has the same rows: 3 tasks x 10
@@ -303,14 +308,7 @@ class HostReads(TorchFunctionMode):
 
 
 def test_the_static_step_never_reads_the_device(still_model, uneven_data):
-    cfg = cfg_for(still_model, uneven_data)
-    prepared = prepare(cfg)
-    streams = {t: TaskStream(prepared.train[t], cfg.batch_size, cfg.seed) for t in TASKS}
-    model = MultitaskBert(copy.deepcopy(prepared.encoder), cfg)
-    optimizer, scheduler = build_optimizer(model, cfg, torch.device("cpu"), 100)
-    stats = StepStats(torch.device("cpu"))
-    stepper = StaticStep(model, optimizer, scheduler, prepared.train, cfg, False, 100, stats)
-    stepper.begin_epoch(epoch_plan(streams, True, 0), streams, 0)
+    stepper = first_epoch_stepper(cfg_for(still_model, uneven_data))
     with HostReads() as spy:
         for i in range(len(stepper.step_widths)):  # full and short steps alike
             stepper.step(i)
@@ -321,7 +319,7 @@ def test_the_static_step_never_reads_the_device(still_model, uneven_data):
         bool(torch.stack(flags).any())
     assert spy.calls == ["any", "__bool__"]
     with HostReads() as spy:
-        stats.first_nonfinite()
+        stepper.stats.first_nonfinite()
     assert spy.calls == ["__int__"]
 
 
