@@ -221,6 +221,18 @@ def joint_inputs(pair: Encoded, rows: torch.Tensor, length: int
     return ids, mask, type_ids
 
 
+def tokenize_task(raw: RawTask, tokenizer, max_length: int) -> TaskData:
+    """Rows read by read_task -> what the model consumes: each sentence column, the joint pair encoding
+    of a pair task (cross-encoding), and the labels as tensors when the file has them."""
+    labels = None
+    if raw.labels is not None:
+        dtype = torch.int64 if TASK_TABLE[raw.task].integer_labels else torch.float32
+        labels = torch.tensor(raw.labels, dtype=dtype)
+    pair = encode_pairs(*raw.sentences, tokenizer, max_length) if len(raw.sentences) == 2 else None
+    return TaskData(raw.task, raw.ids, [encode(c, tokenizer, max_length) for c in raw.sentences], labels,
+                    raw.skipped, pair)
+
+
 def load_task(data_dir: Path, task: str, split: str, tokenizer, max_length: int = 128,
               max_examples: int = 0, labelled: bool | None = None) -> TaskData:
     """Read, cap and tokenise one split; tokens are cached by tokenizer and file content."""
@@ -245,13 +257,7 @@ def load_task(data_dir: Path, task: str, split: str, tokenizer, max_length: int 
     raw = subsample(read_task(path, task, labelled), max_examples)
     if not raw.ids:
         raise DataError(f"{path}: no usable rows")
-    labels = None
-    if raw.labels is not None:
-        dtype = torch.int64 if TASK_TABLE[task].integer_labels else torch.float32
-        labels = torch.tensor(raw.labels, dtype=dtype)
-    pair = encode_pairs(*raw.sentences, tokenizer, max_length) if len(raw.sentences) == 2 else None
-    data = TaskData(task, raw.ids, [encode(c, tokenizer, max_length) for c in raw.sentences], labels, raw.skipped,
-                    pair)
+    data = tokenize_task(raw, tokenizer, max_length)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import (DataError, RawTask, TaskData, encode, joint_inputs, load_task, read_task, sorted_batches,
-                   task_path)
+from .data import (DataError, RawTask, TaskData, joint_inputs, load_task, read_task, sorted_batches, task_path,
+                   tokenize_task)
 from .inputs import Piece, embed_pieces, input_mode
 from .methods import head_output
 from .static_step import bucket
@@ -171,21 +171,15 @@ def read_unlabelled(paths: list[Path]) -> list[tuple[Path, str, str, RawTask]]:
     return files
 
 
-def predict_unlabelled(model: nn.Module, tokenizer, paths: list[Path], out_dir: Path, max_length: int = 128,
-                       batch_size: int = 256, device: torch.device = torch.device("cpu"),
+def predict_unlabelled(model: nn.Module, tokenizer, files: list[tuple[Path, str, str, RawTask]], out_dir: Path,
+                       max_length: int = 128, batch_size: int = 256, device: torch.device = torch.device("cpu"),
                        amp: bool = False) -> dict[str, dict]:
-    """Predict every file of `paths` (any CS224N-format file, labelled or not; its task from its columns
-    and name) into out_dir/<output_name>; malformed rows are skipped with one warning per file.
-
-    Every file is checked before any is written: a file that fits no task, or two files that would
-    write the same output, is one DataError. Returns {file: {"task", "output", "rows", "skipped"}}.
-    """
-    files = read_unlabelled(paths)
+    """Predict the files read_unlabelled read (any CS224N-format file, labelled or not; its task from its
+    columns and name) into out_dir/<output name>. Returns {file: {"task", "output", "rows", "skipped"}}."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for path, task, name, raw in files:
-        data = TaskData(task, raw.ids, [encode(c, tokenizer, max_length) for c in raw.sentences], None,
-                        raw.skipped).to(device)
+        data = tokenize_task(raw, tokenizer, max_length).to(device)
         write_predictions(out_dir / name, task, data.ids, predict(model, data, batch_size, amp))
         written[str(path)] = {"task": task, "output": str(out_dir / name), "rows": len(raw.ids),
                               "skipped": raw.skipped}
@@ -231,8 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model, tokenizer, cfg = load_model(Path(args.checkpoint), device)
         if args.predict:
-            result = predict_unlabelled(model, tokenizer, [Path(p) for p in args.predict], out, cfg.max_length,
-                                        args.batch_size, device, amp=device.type == "cuda")
+            files = read_unlabelled([Path(p) for p in args.predict])  # all checked before anything is written
+            result = predict_unlabelled(model, tokenizer, files, out, cfg.max_length, args.batch_size, device,
+                                        amp=device.type == "cuda")
         else:
             result = predict_files(model, tokenizer, resolve_data_dir(args.data_dir), out, cfg.max_length,
                                    args.batch_size, device, amp=device.type == "cuda")

@@ -90,7 +90,7 @@ def export_best(study: optuna.Study, spec: StudySpec, out_dir: Path, data_dir: s
     data = resolve_data_dir(str(data_dir) if data_dir else cfg.data_dir)
     files = list(predict) if predict is not None else sorted((data / "holdout").glob("*.csv"))
     try:
-        read_unlabelled(files)  # every file to predict is checked before anything is written
+        unlabelled = read_unlabelled(files)  # every file to predict is checked before anything is written
     except DataError as exc:
         raise ExportError(str(exc)) from None
 
@@ -103,8 +103,8 @@ def export_best(study: optuna.Study, spec: StudySpec, out_dir: Path, data_dir: s
         try:
             metrics = predict_files(model, tokenizer, data, stage / "predictions", cfg.max_length,
                                     cfg.eval_batch_size, device, amp=amp)
-            extra = predict_unlabelled(model, tokenizer, files, stage / "predictions", cfg.max_length,
-                                       cfg.eval_batch_size, device, amp=amp) if files else {}
+            extra = predict_unlabelled(model, tokenizer, unlabelled, stage / "predictions", cfg.max_length,
+                                       cfg.eval_batch_size, device, amp=amp)
         except DataError as exc:
             raise ExportError(str(exc)) from None
         summary = {"study": study.study_name, "trial": best.number, spec.metric: best.value, "params": best.params,

@@ -195,3 +195,16 @@ def test_a_failed_export_leaves_the_previous_export_as_it_was(run, tmp_path, tin
     # a successful re-export replaces the previous one's entries (stale holdout outputs go with it)
     export_best(study, spec, out, run["data"], [run["holdout"] / "sts-holdout-student.csv"])
     assert sorted(p.name for p in (out / "predictions").glob("*holdout*")) == ["sts-holdout-output.csv"]
+
+
+def test_a_cross_encoding_model_predicts_files_too(run, tmp_path, tiny_model, capsys):
+    """--predict tokenises like training does: a pair task's joint "[CLS] s1 [SEP] s2" input included."""
+    cfg = TrainConfig(model=str(tiny_model), data_dir=str(run["data"]), epochs=1, batch_size=8, device="cpu",
+                      eval_batch_size=32, lr=1e-3, quora_encoding="cross", sts_encoding="both")
+    train(cfg, out_dir=tmp_path / "cross", progress=False)
+    files = [str(run["holdout"] / name) for name in ("quora-holdout-student.csv", "sts-holdout-student.csv")]
+    evaluate_main(["--checkpoint", str(tmp_path / "cross"), "--predict", *files, "--out", str(tmp_path / "o")])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sorted(Path(v["output"]).name for v in result.values()) == ["para-holdout-output.csv",
+                                                                        "sts-holdout-output.csv"]
+    assert len(rows(tmp_path / "o" / "para-holdout-output.csv")) == 26
