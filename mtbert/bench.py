@@ -271,10 +271,13 @@ def main(argv: list[str] | None = None) -> None:
     if skipped:
         logger.info("skipping %s: CUDA only", ", ".join(skipped))
         variants = [v for v in variants if v not in skipped]
-    barrier = None
-    if args.barrier:
-        folder, _, n = args.barrier.rpartition(":")
-        barrier = (Path(folder), int(n))
+    barrier = (Path(args.barrier[0]), args.barrier[1]) if args.barrier else None
+    if args.jsonl:  # a path that cannot be written fails now, not after the first measurement
+        try:
+            Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
+            open(args.jsonl, "a").close()
+        except OSError as exc:
+            parser.error(f"--jsonl {args.jsonl}: cannot write it ({exc.strerror or exc})")
     encoder, tokenizer = load_pretrained(args.model)
     if args.shapes == "bert-base":
         from transformers import BertConfig, BertModel

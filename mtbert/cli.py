@@ -27,6 +27,14 @@ def at_least(low: int):
     return parse
 
 
+def barrier_arg(text: str) -> tuple[str, int]:
+    """--barrier DIR:N -> (DIR, N), N >= 1."""
+    folder, _, n = text.rpartition(":")
+    if not folder or not n.isdigit() or int(n) < 1:
+        raise argparse.ArgumentTypeError(f"expected DIR:N (a folder and a process count >= 1), got {text!r}")
+    return folder, int(n)
+
+
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mtbert.train",
@@ -88,7 +96,7 @@ def bench_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--no-check-sync", dest="check_sync", action="store_false",
                         help="CUDA: do not count host syncs in the timed steps")
     parser.add_argument("--jsonl", default=None, help="append every row, with its environment, to this file")
-    parser.add_argument("--barrier", default=None, metavar="DIR:N",
+    parser.add_argument("--barrier", type=barrier_arg, default=None, metavar="DIR:N",
                         help="packing runs: wait until N processes have warmed up (files in DIR) before timing")
     parser.add_argument("--data-dir", default=None, help=DATA_HELP + "; the train files are read")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)

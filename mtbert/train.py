@@ -367,6 +367,9 @@ def main(argv: list[str] | None = None) -> None:
     except (NonFiniteLossError, ValueError, RuntimeError) as exc:
         logger.error("%s", exc)
         sys.exit(1)
+    except OSError as exc:  # --out is a file or not writable (a full disk is CheckpointWriteError above)
+        logger.error("cannot write %s: %s", exc.filename or args.out, exc.strerror or exc)
+        sys.exit(1)
     except KeyboardInterrupt:
         logger.warning("interrupted: %s", f"{args.out} holds the last finished epoch; the same command resumes it"
                        if args.out else "nothing was saved (no --out)")

@@ -287,14 +287,18 @@ def resolve_gres(args: argparse.Namespace) -> str | None:
     return args.gres
 
 
-def submit(study: str, spec: StudySpec, url: str, args: argparse.Namespace, key: str | None = None) -> ArrayJob:
-    """Submit the array; SlurmError when sbatch refuses it. Task output goes to logs/<key>/ (key: the
-    study's identity, service.study.study_key)."""
+def submit(study: str, spec: StudySpec, url: str, args: argparse.Namespace, key: str) -> ArrayJob:
+    """Submit the array; SlurmError when sbatch refuses it or the shared folder cannot be written. Task
+    output goes to logs/<key>/ (key: the study's identity, service.study.study_key)."""
     shared = Path(args.shared_dir).resolve() if args.shared_dir else storage_lib.STORAGE_DIR
-    log_dir = shared / "logs" / (key or spec.name)
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = shared / "logs" / key
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        storage_file = storage_file_for_tasks(url, getattr(args, "storage_file", None), shared)
+    except OSError as exc:
+        raise SlurmError(f"cannot write to {exc.filename or shared}: {exc.strerror or exc} (--shared-dir must be a "
+                         f"folder you can write that every node sees)") from None
     gres = resolve_gres(args)
-    storage_file = storage_file_for_tasks(url, getattr(args, "storage_file", None), shared)
     cmd = sbatch_command(study, spec, args, log_dir, gres)
     out = _slurm(cmd, env=task_environment(url, storage_file, args.shared_dir, args.seed))
     job_id = out.strip().split(";")[0]  # --parsable: "JOBID" or "JOBID;CLUSTER"

@@ -86,6 +86,7 @@ def test_search_and_worker_show_their_defaults():
 def test_counts_below_their_minimum_and_a_confirmation_name_are_usage_errors():
     for args, fragment in ((("-m", "mtbert.bench", "--steps", "0"), "argument --steps: must be a whole number >= 1"),
                            (("-m", "mtbert.bench", "--batch-sizes", "0"), "argument --batch-sizes: must be a whole"),
+                           (("-m", "mtbert.bench", "--barrier", "dir:x"), "argument --barrier: expected DIR:N"),
                            (("-m", "mtbert.evaluate", "--checkpoint", "x", "--batch-size", "-1"), "--batch-size: must"),
                            (("search.py", "--study", "quickstart:confirm", "--status"),
                             "`python search.py --study quickstart --status` shows it")):
