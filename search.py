@@ -1,7 +1,7 @@
 """Create or resume a study and run it: workers on this machine, one progress bar, a leaderboard.
 
     python search.py --study quickstart                  # CPU demo, SQLite under storage/
-    python search.py --study lr_dropout                  # one worker per visible GPU
+    python search.py --study lr_dropout                  # workers on every visible GPU
     python search.py --study lr_dropout --workers-per-gpu 4
     python search.py --study lr_dropout --launcher slurm --workers 8 --storage-file ~/.mtbert-storage
     python search.py --study lr_dropout --status         # progress and leaderboard, runs nothing
@@ -16,7 +16,7 @@ A run prints one line per event (trial started, epoch done, pruned, complete, fa
 leaderboard, and writes the trials CSV and the report (reports/<study>/) once the budget is met.
 
 Exit status: 0 when the budget is met (or was already: nothing to run) or the run was stopped
-with Ctrl-C/SIGTERM; 1 when a worker failed (its last ERROR line is printed); 2 for a bad study
+with Ctrl-C/SIGTERM (130 with --launcher slurm: the array may run on); 1 when a worker failed (its last ERROR line is printed); 2 for a bad study
 file, storage or argument; 3 when the storage stayed unreachable longer than
 MTBERT_STORAGE_OUTAGE_SECONDS (the running trials are retried when the study runs again).
 """
@@ -250,7 +250,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--study", help="study name (a file in studies/) or path to a .toml")
     storage_lib.add_storage_arguments(parser)
     parser.add_argument("--workers", type=bounded(int, 1), default=None,
-                        help="worker processes here (default: one per visible GPU, else 1 on CPU); "
+                        help="worker processes here (default: --workers-per-gpu times the visible GPUs, else 1 on CPU); "
                              "with --launcher slurm: array tasks (required)")
     parser.add_argument("--workers-per-gpu", type=bounded(int, 1), default=None,
                         help="pack several trials on each GPU (default: chosen from GPU memory and encoder size, "

@@ -19,6 +19,7 @@ import storage as storage_lib
 from mtbert.tasks import SCORE_NAMES
 from service.confirm import report_markdown as confirmation_section
 from service.progress import planned_epochs
+from service.study import recorded_budget
 from service.ranking import best_trial, leaderboard
 from service.markdown import markdown_table, number
 from studies import StudySpec
@@ -73,7 +74,7 @@ def header(study: optuna.Study, spec: StudySpec, trials: list[FrozenTrial], stor
         *([spec.description, ""] if spec.description else []),
         f"- storage: `{storage_lib.redact(storage_url)}`",
         f"- objective: {spec.direction} `{spec.metric}` on dev",
-        f"- trials: {finished} finished of a budget of {recorded_budget(study, spec)}: "
+        f"- trials: {finished} finished of a budget of {recorded_budget(study.user_attrs) or spec.n_trials}: "
         f"{count[TrialState.COMPLETE]} complete, {count[TrialState.PRUNED]} pruned, {count[TrialState.FAIL]} failed, "
         f"{count[TrialState.RUNNING]} running",
         f"- browse every trial: `python search.py --study {spec.name} --dashboard`",
@@ -170,14 +171,6 @@ def plots_section(study: optuna.Study, trials: list[FrozenTrial], spec: StudySpe
 
 
 # ------------------------------------------------------------ helpers
-
-
-def recorded_budget(study: optuna.Study, spec: StudySpec) -> int:
-    """The trial budget recorded on the study: its latest --n-trials override, else its spec's."""
-    attrs = study.user_attrs
-    given = [attrs[k]["n_trials"] for k in sorted(attrs)
-             if k.startswith("overrides ") and isinstance(attrs[k], dict) and "n_trials" in attrs[k]]
-    return given[-1] if given else (attrs.get("spec") or {}).get("n_trials", spec.n_trials)
 
 
 def reproduce_config(trial: FrozenTrial) -> dict[str, Any]:

@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     storage_lib.add_storage_arguments(parser)
-    parser.add_argument("--workers", type=int, default=12, help="concurrent worker processes")
-    parser.add_argument("--n-trials", type=int, default=36, help="the study's budget")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per trial")
+    parser.add_argument("--workers", type=int, default=12, help="concurrent worker processes (default: %(default)s)")
+    parser.add_argument("--n-trials", type=int, default=36, help="the study's budget (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per trial (default: %(default)s)")
     parser.add_argument("--keep", action="store_true", help="keep the study in the storage afterwards")
     parser.add_argument("--child", nargs=3, metavar=("STUDY_FILE", "OUT", "CHECKPOINTS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

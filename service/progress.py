@@ -16,6 +16,7 @@ from typing import TextIO
 
 import optuna
 import pandas as pd
+from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 import storage as storage_lib
@@ -70,7 +71,7 @@ class TrialEvents:
             old_state, old_epoch = self.seen.get(t.number, (None, 0))
             epoch = self._last_epoch(t)
             if old_state is None:
-                retry = t.system_attrs.get("failed_trial")
+                retry = RetryFailedTrialCallback.retried_trial_number(t)  # Optuna's public reader of its record
                 again = (f" (retry of trial {retry}: resumes from its last epoch checkpoint, if it wrote one)"
                          if retry is not None else "")
                 lines.append(f"trial {t.number} started: {format_params(t.params)}{again}")
