@@ -42,11 +42,11 @@ from torch import nn
 
 from .config import TrainConfig
 from .data import TaskData, TaskStream
+from .methods import task_loss
 from .tasks import TASK_TABLE, TASKS
 
 logger = logging.getLogger(__name__)
 
-STEP_KINDS = ("auto", "eager", "static", "graphs")
 WIDTHS = (24, 32, 48, 64, 96, 128)  # chosen on the shared data: +8.5% token positions over exact widths
 # TrainConfig fields the static step implements as the eager step does; any other field away from
 # its default (a multitask method, say) means the eager step runs instead
@@ -216,7 +216,7 @@ class StaticStep:
         self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
         self.device = data[TASKS[0]].columns[0].ids.device
         self.batch_size, self.amp, self.max_grad_norm = cfg.batch_size, amp, cfg.max_grad_norm
-        self.stats = stats
+        self.stats, self.cfg = stats, cfg
         self.graphs_on = graphs and self.device.type == "cuda"
         self.mark_steps = compiled == "reduce-overhead"  # compile's CUDA graphs need to know where a step starts
         max_positions = getattr(getattr(model.encoder, "config", None), "max_position_embeddings", None)
@@ -307,7 +307,7 @@ class StaticStep:
             task, n = TASK_TABLE[task_name], counts[j]
             out = task.outputs(self.model, [next(vecs)[:n] for _ in task.sentence_columns])
             labels = self.data[task_name].labels[self.rows[j * b:j * b + n]]
-            losses.append(task.loss(out, labels))
+            losses.append(task_loss(task, self.cfg)(out, labels, None, self.cfg))  # the eager step's loss choice
         return sum(losses)
 
     def _body(self, width: int, counts: tuple[int, ...]) -> None:
