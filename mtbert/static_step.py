@@ -42,6 +42,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .data import TaskData, TaskStream
+from .inputs import Piece, padded
 from .methods import task_loss
 from .tasks import TASK_TABLE, TASKS
 
@@ -284,18 +285,9 @@ class StaticStep:
     def _inputs(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask of the step's 5 x batch_size sentences, padded to `width`."""
         b = self.batch_size
-        ids, lengths = [], []
-        for j, task in enumerate(TASKS):
-            rows = self.rows[j * b:(j + 1) * b]
-            for column in self.data[task].columns:
-                part = column.ids[rows, :width]
-                if part.shape[1] < width:  # this column's longest sentence is shorter than the width
-                    part = nn.functional.pad(part, (0, width - part.shape[1]))
-                ids.append(part)
-                lengths.append(column.lengths[rows])
-        lengths_all = torch.cat(lengths)
-        mask = torch.arange(width, device=self.device) < lengths_all.unsqueeze(1)
-        return torch.cat(ids), mask.long()
+        # host_lengths unused by padded(); the step never reads lengths on the host
+        return padded([Piece(column, self.rows[j * b:(j + 1) * b], width, None)
+                       for j, task in enumerate(TASKS) for column in self.data[task].columns])
 
     def _loss(self, width: int, counts: tuple[int, ...]) -> torch.Tensor:
         """Summed loss of the three tasks (the same table calls as mtbert.train.task_losses)."""
