@@ -36,7 +36,7 @@ from service import optuna_compat
 from service.markdown import markdown_table, number
 from service.ranking import best_trial, ranked_complete
 from service.stats import PairedComparison, mean_sd, paired_t, verdict
-from service.study import FINISHED, OVERRIDE_FLAGS, open_study, study_uuid, trial_counts
+from service.study import FINISHED, open_study, override_argv, study_uuid, trial_counts
 from studies import StudySpec, load_spec, spec_from_dict
 
 logger = logging.getLogger(__name__)
@@ -213,8 +213,7 @@ def _save_study_note(study: optuna.Study, plan: dict[str, Any]) -> None:
 def open_confirmation(study_arg: str, url: str | None, args: argparse.Namespace,
                       seed: int | None = None) -> tuple[StudySpec, optuna.Study]:
     """What `worker.py --study X:confirm` joins: the spec recorded on X:confirm and the study."""
-    given = [f"--{k.replace('_', '-')}" for k in OVERRIDE_FLAGS
-             if k != "data_dir" and getattr(args, k, None) is not None]  # data: where this node has it
+    given = override_argv(args, skip=("data_dir",))[::2]  # the flags; data: where this node has it
     if given:
         raise ConfirmError(f"{' '.join(given)}: a confirmation re-trains the recorded configurations of its "
                            f"parent trials; overrides do not apply")

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import IO
 
 import storage as storage_lib
-from service.study import OVERRIDE_FLAGS
+from service.progress import last_error_line
+from service.study import override_argv
 
 logger = logging.getLogger("search")
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,22 +161,7 @@ class LocalWorker:
 
     def last_error(self) -> str:
         """The last ERROR line this run wrote to the log (its message), else the log's last line."""
-        return last_error_line(self.log_path, self.log_start)
-
-
-def last_error_line(path: Path, start: int = 0) -> str:
-    """The message of the last `... ERROR name: message` line after byte `start` of a worker log,
-    else its last non-empty line (a traceback's last line), else a note that the log is empty."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
-    except OSError as exc:
-        return f"(log {path} unreadable: {exc.strerror or exc})"
-    for line in reversed(lines):
-        if " ERROR " in line:
-            return line.split(" ERROR ", 1)[1]
-    return lines[-1] if lines else "(nothing in its log)"
+        return last_error_line(self.log_path, self.log_start) or f"(nothing in its log {self.log_path})"
 
 
 def start_workers(study: str, url: str, devices: list[str], args: argparse.Namespace,
@@ -184,10 +170,7 @@ def start_workers(study: str, url: str, devices: list[str], args: argparse.Names
     the storage file it came from) travels in the environment, never in argv. With --seed S, worker i
     samples with seed S + i."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    passthrough = []
-    for flag in OVERRIDE_FLAGS:
-        if getattr(args, flag) is not None:
-            passthrough += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    passthrough = override_argv(args)
     env = {k: v for k, v in os.environ.items() if k not in ("MTBERT_STORAGE", "MTBERT_STORAGE_FILE")}
     env.update(storage_lib.worker_environment(url, getattr(args, "storage_file", None)), TOKENIZERS_PARALLELISM="false")
     if env.get("MTBERT_DATA_DIR"):  # workers run in the repository: a relative folder means the caller's

@@ -7,6 +7,7 @@ The workers store everything this needs after every epoch (intermediate values, 
 """
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections import Counter
@@ -33,6 +34,28 @@ def planned_epochs(trial: FrozenTrial, spec: StudySpec) -> int:
 
 def format_params(params: dict) -> str:
     return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
+
+
+_STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(,\d+)? ")  # logging's asctime
+_EXCEPTION = re.compile(r"^\w+(\.\w+)*(Error|Exception)\b")  # a traceback's last line
+
+
+def last_error_line(path: Path, start: int = 0) -> str | None:
+    """What a worker's log (local) or a task's output (SLURM) says went wrong, after byte `start`: the
+    last line that reports an error (a logged ERROR: its message; slurmstepd's or a script's `error:`;
+    a traceback's exception line), else the last non-empty line; None when there is nothing to read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if " ERROR " in line:
+            return line.split(" ERROR ", 1)[1]
+        if "error:" in line.lower() or _EXCEPTION.match(line):
+            return _STAMP.sub("", line)
+    return _STAMP.sub("", lines[-1]) if lines else None
 
 
 class TrialEvents:

@@ -27,8 +27,8 @@ import optuna
 from sqlalchemy.engine import make_url
 
 import storage as storage_lib
-from service.progress import follow
-from service.study import FINISHED, OVERRIDE_FLAGS, study_key, trial_counts
+from service.progress import follow, last_error_line
+from service.study import FINISHED, override_argv, study_key, trial_counts
 from studies import StudySpec
 
 logger = logging.getLogger("search")
@@ -265,10 +265,7 @@ def task_environment(url: str, storage_file: Path, shared_dir: str | None, seed:
 
 def sbatch_command(study: str, spec: StudySpec, args: argparse.Namespace, log_dir: Path, gres: str | None) -> list[str]:
     """sbatch for an array of args.workers tasks of cluster/slurm/worker.sbatch (requeue, signal: its #SBATCH lines)."""
-    passthrough = []
-    for flag in OVERRIDE_FLAGS:
-        if getattr(args, flag, None) is not None:
-            passthrough += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    passthrough = override_argv(args)
     if Path(study).is_file():  # tasks start in the repository: a relative path would point elsewhere
         study = str(Path(study).resolve())
     return ["sbatch", "--parsable", f"--array=0-{args.workers - 1}", f"--job-name=mtbert-{spec.name}",
@@ -308,24 +305,6 @@ def submit(study: str, spec: StudySpec, url: str, args: argparse.Namespace, key:
 
 
 # ------------------------------------------------------------ after the array
-
-
-_STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(,\d+)? ")
-
-
-def last_error_line(path: Path) -> str | None:
-    """The last line of a task's output that reports an error (a logged ERROR, slurmstepd's or the
-    script's `error:`, a traceback's exception line), else its last line; None without a file."""
-    try:
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return None
-    if not lines:
-        return None
-    for line in reversed(lines):
-        if " ERROR " in line or "error:" in line.lower() or re.match(r"^\w+(\.\w+)*(Error|Exception)\b", line):
-            return _STAMP.sub("", line)
-    return _STAMP.sub("", lines[-1])
 
 
 def report_tasks(job: ArrayJob) -> int:

@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 import storage as storage_lib
 from service import optuna_compat
 from studies import StudySpec, StudySpecError, load_spec
-from studies.spec import spec_differences
+from studies.spec import OVERRIDES, override_flag, spec_differences
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 STUDY_UUID_ATTR = "study_uuid"
@@ -41,7 +41,17 @@ class StudyIdentityError(RuntimeError):
     """The study's recorded identity is unusable (its `study_uuid` attribute was edited)."""
 
 
-OVERRIDE_FLAGS = ("n_trials", "epochs", "max_examples", "model", "data_dir")
+OVERRIDE_FLAGS: tuple[str, ...] = tuple(OVERRIDES)  # argparse dests of add_override_arguments
+
+
+def override_argv(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list[str]:
+    """The overrides this command was given, as worker.py flags (`--epochs 3 --data-dir /d`), but `skip`."""
+    argv: list[str] = []
+    for name in OVERRIDE_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None and name not in skip:
+            argv += [override_flag(name), str(value)]
+    return argv
 
 
 def bounded(kind: type, low: float, high: float | None = None):

@@ -486,9 +486,15 @@ class _Loader:
 # not compared: how a run is executed, and where the data lives (nodes may mount it at different paths;
 # its content is compared instead: service.study.check_data)
 RUNTIME_FIELDS = ("device", "eval_batch_size", "log_every", "compile", "data_dir")
-# override flag of each overridable spec field, to say where a differing value came from
-_OVERRIDE_FLAGS = {"train.epochs": "--epochs", "train.max_examples": "--max-examples", "train.model": "--model",
-                   "train.data_dir": "--data-dir", "n_trials": "--n-trials"}
+# What a command line may override (StudySpec.with_overrides): override name -> its key in a recorded spec.
+# The flag of each is `override_flag(name)`; service.study builds worker argv from the same table.
+OVERRIDES: dict[str, str] = {"n_trials": "n_trials", "epochs": "train.epochs", "max_examples": "train.max_examples",
+                             "model": "train.model", "data_dir": "train.data_dir"}
+
+
+def override_flag(name: str) -> str:
+    """The command-line flag of override `name` (`max_examples` -> `--max-examples`)."""
+    return f"--{name.replace('_', '-')}"
 
 
 def _result_fields(spec: dict[str, Any]) -> dict[str, Any]:
@@ -520,14 +526,13 @@ def spec_differences(recorded: dict[str, Any], spec: StudySpec, overrides: dict[
     per field (``--epochs Y`` where an override gave the value), in a stable order. The budget
     (n_trials), keep_best, the description and the [reference] may differ."""
     old, new = _result_fields(recorded), _result_fields(spec.to_dict())
-    given = {_OVERRIDE_FLAGS[f"train.{k}" if k != "n_trials" else k] for k in (overrides or {})}
+    given = {OVERRIDES[k]: override_flag(k) for k in (overrides or {})}  # spec key -> the flag that set it
     lines = []
     for key in sorted(old.keys() | new.keys()):
         before, after = old.get(key, _UNSET), new.get(key, _UNSET)
         if before is not _UNSET and after is not _UNSET and _normal(before) == _normal(after):
             continue
-        flag = _OVERRIDE_FLAGS.get(key)
-        source = flag if flag in given else "file"
+        source = given.get(key, "file")
         lines.append(f"{key}: recorded {_show(before)}, {source} {_show(after)}")
     return lines
 

@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from service.launch import last_error_line
+from service.progress import last_error_line
 from service.study import open_study
 from studies import load_spec
 from test_search import write_study
@@ -90,7 +90,7 @@ def test_the_error_line_is_this_run_s_last_error_else_the_log_s_last_line(tmp_pa
         start = f.tell()
         f.write("Traceback (most recent call last):\n  File ...\nMemoryError: out of memory\n\n")
     assert last_error_line(log, start) == "MemoryError: out of memory"
-    assert last_error_line(tmp_path / "missing.log").startswith("(log ")
+    assert last_error_line(tmp_path / "missing.log") is None
 
 
 def edge_study(folder: Path) -> tuple[Path, str]:
@@ -119,3 +119,13 @@ def test_export_best_refuses_a_folder_of_the_repository_that_git_does_not_ignore
     assert "the checkpoint of the best trial #0 is not at" in proc.stderr
     proc = search(study_file, url, env, "--export-best", str(tmp_path / "outside"), timeout=120)
     assert "refusing" not in proc.stderr
+
+
+def test_override_argv_gives_workers_the_overrides_this_command_was_given():
+    import argparse
+
+    from service.study import override_argv
+    args = argparse.Namespace(n_trials=None, epochs=3, max_examples=0, model=None, data_dir="/d")
+    assert override_argv(args) == ["--epochs", "3", "--max-examples", "0", "--data-dir", "/d"]  # 0 is a value
+    assert override_argv(args, skip=("data_dir",)) == ["--epochs", "3", "--max-examples", "0"]
+    assert override_argv(argparse.Namespace()) == []  # a namespace without them (e.g. --status)

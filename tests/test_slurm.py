@@ -346,14 +346,14 @@ def test_failing_tasks_are_reported_with_their_error_line(slurm, tmp_path, tiny_
     assert proc.returncode == 1, proc.stderr
     job = proc.stderr.split("submitted job array ")[1].split(":")[0]
     for i in (0, 1):
-        assert (f"task {job}_{i} FAILED (exit 2): ERROR worker: {tmp_path}/no-such-folder/ids-sst-train.csv: "
+        assert (f"task {job}_{i} FAILED (exit 2): worker: {tmp_path}/no-such-folder/ids-sst-train.csv: "
                 "file not found") in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
 
     tasks = wait_until_done(by_hand, timeout=120)
     assert tasks[0].state == "FAILED" and tasks[0].exit_code == 2
     line = launcher.last_error_line(out)
-    assert line == "ERROR worker: cannot reach storage postgresql://mtbert:***@127.0.0.1:1/mtbert: connection " \
+    assert line == "worker: cannot reach storage postgresql://mtbert:***@127.0.0.1:1/mtbert: connection " \
                    "refused — is the server running? (storage/postgres.sh start)"
     assert "s3cr3t-pw" not in out.read_text() and "Traceback" not in out.read_text()
 
@@ -468,7 +468,7 @@ def test_last_error_line_of_a_task_output(tmp_path):
                    "2026-01-01 10:00:00,123 WARNING mtbert.data: skipped 3 malformed row(s)\n"
                    "2026-01-01 10:00:01,456 ERROR worker: /d/ids-sst-train.csv: file not found\n"
                    "2026-01-01 10:00:01,500 INFO worker: bye\n")
-    assert launcher.last_error_line(out) == "ERROR worker: /d/ids-sst-train.csv: file not found"
+    assert launcher.last_error_line(out) == "worker: /d/ids-sst-train.csv: file not found"
     out.write_text("Traceback (most recent call last):\n  File x\nRuntimeError: CUDA error: no device\n")
     assert launcher.last_error_line(out) == "RuntimeError: CUDA error: no device"
     out.write_text("mtbert worker.sbatch: error: no worker.py in /x\n")
