@@ -713,25 +713,33 @@ def trial_slot_lock(storage: RDBStorage, study_name: str) -> Iterator[None]:
 # --------------------------------------------------------------------------- files
 
 
-def _folder(variable: str, default: Path) -> Path:
-    """The folder in env ``variable`` (else ``default``), created; StorageConfigError when it cannot be."""
-    path = Path(os.environ.get(variable) or default).expanduser()
+def _folder(variable: str, sub: str) -> Path:
+    """The folder in env ``variable``, else ``$MTBERT_SHARED_DIR/<sub>`` (the layout a SLURM launch with
+    --shared-dir gives its tasks, so commands run afterwards on a login node find the same files), else
+    ``storage/<sub>``; created. StorageConfigError when it cannot be."""
+    if os.environ.get(variable):
+        source, path = variable, Path(os.environ[variable])
+    elif os.environ.get("MTBERT_SHARED_DIR"):
+        source, path = "MTBERT_SHARED_DIR", Path(os.environ["MTBERT_SHARED_DIR"]) / sub
+    else:
+        source, path = variable, STORAGE_DIR / sub
+    path = path.expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise StorageConfigError(f"{variable}={str(path)!r}: cannot create the folder ({exc.strerror or exc})") \
+        raise StorageConfigError(f"{source}: {str(path)!r}: cannot create the folder ({exc.strerror or exc})") \
             from None
     return path
 
 
 def artifact_store() -> optuna.artifacts.FileSystemArtifactStore:
-    """Artifact store under ``MTBERT_ARTIFACT_DIR`` or ``storage/artifacts`` (created)."""
-    return optuna.artifacts.FileSystemArtifactStore(str(_folder("MTBERT_ARTIFACT_DIR", STORAGE_DIR / "artifacts")))
+    """Artifact store under ``MTBERT_ARTIFACT_DIR``, ``$MTBERT_SHARED_DIR/artifacts`` or ``storage/artifacts``."""
+    return optuna.artifacts.FileSystemArtifactStore(str(_folder("MTBERT_ARTIFACT_DIR", "artifacts")))
 
 
 def checkpoint_dir() -> Path:
-    """``MTBERT_CHECKPOINT_DIR`` or ``storage/checkpoints`` (created)."""
-    return _folder("MTBERT_CHECKPOINT_DIR", STORAGE_DIR / "checkpoints")
+    """``MTBERT_CHECKPOINT_DIR``, ``$MTBERT_SHARED_DIR/checkpoints`` or ``storage/checkpoints`` (created)."""
+    return _folder("MTBERT_CHECKPOINT_DIR", "checkpoints")
 
 
 # --------------------------------------------------------------------------- logging
