@@ -45,6 +45,7 @@ import torch
 from .cli import BENCH_VARIANTS
 from .config import TrainConfig, resolve_data_dir, resolve_device
 from .data import RawTask, TaskStream, load_splits, read_task, task_path
+from .methods import DEFAULTS
 from .model import MultitaskBert, load_pretrained
 from .inputs import batch_pieces, encoder_tokens, input_mode
 from .static_step import StaticStep, StepStats, compile_encoder
@@ -116,7 +117,7 @@ def reference_step(model, optimizer, tokenizer, raw: dict[str, RawTask], rng: np
         spec = TASK_TABLE[task]
         y = torch.tensor([raw[task].labels[i] for i in idx], device=device,
                          dtype=torch.int64 if spec.integer_labels else torch.float32)
-        losses.append(spec.loss(spec.outputs(model, vecs), y))
+        losses.append(spec.report_loss.fn(spec.outputs(model, vecs), y, vecs, DEFAULTS))
     loss = sum(losses)
     optimizer.zero_grad()
     loss.backward()
