@@ -150,14 +150,13 @@ class _Stepper:
         self.model, self.cfg, self.plan, self.streams, self.device = model, cfg, plan, streams, device
         self.amp = cfg.amp and device.type == "cuda"
         self.mode = input_mode(device, cfg.packing)
-        if variant.endswith("compile"):
-            compile_encoder(model.encoder, self.kind, device)
+        compiled = compile_encoder(model.encoder, self.kind, device) if variant.endswith("compile") else None
         self.optimizer, self.scheduler = build_optimizer(model, cfg, device, total_steps)
         self.static = None
         if self.kind != "eager":
             self.static = StaticStep(model, self.optimizer, self.scheduler, data, cfg, self.amp, total_steps,
                                      StepStats(device), graphs=self.kind == "graphs",
-                                     compiled="reduce-overhead" if variant == "compile" else None)
+                                     compiled=compiled)
             self.static.begin_epoch(plan, streams, 0)
 
     def __call__(self, i: int) -> None:

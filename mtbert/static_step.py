@@ -117,8 +117,8 @@ def resolve_step(cfg: TrainConfig, device: torch.device) -> tuple[str, str | Non
     return wanted, None
 
 
-def compile_encoder(encoder: nn.Module, kind: str, device: torch.device) -> None:
-    """torch.compile the encoder for step `kind`.
+def compile_encoder(encoder: nn.Module, kind: str, device: torch.device) -> str | None:
+    """torch.compile the encoder for step `kind`; return compile's mode (StaticStep's `compiled`).
 
     eager: dynamic shapes, as before. static: on CUDA mode="reduce-overhead" (compile's own CUDA
     graphs around the encoder's forward and backward, one per shape). graphs: default mode, its
@@ -129,7 +129,7 @@ def compile_encoder(encoder: nn.Module, kind: str, device: torch.device) -> None
     """
     if kind == "eager":
         encoder.compile(dynamic=True)
-        return
+        return None
     from torch import _dynamo
 
     limit = len(training_shapes(range(8, 41, 8), 128)) + 2 * len(WIDTHS) + 4
@@ -138,6 +138,7 @@ def compile_encoder(encoder: nn.Module, kind: str, device: torch.device) -> None
             setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), limit))
     mode = "reduce-overhead" if kind == "static" and device.type == "cuda" else None
     encoder.compile(mode=mode)
+    return mode
 
 
 # ------------------------------------------------------------------ statistics
@@ -212,6 +213,7 @@ class StaticStep:
                  cfg: TrainConfig, amp: bool, total_steps: int, stats: StepStats, graphs: bool = False,
                  compiled: str | None = None):
         lambdas = getattr(scheduler, "lr_lambdas", None)
+        # mtbert.train.build_optimizer always gives these: this guards other callers (bench, tests), not a fallback
         if not isinstance(optimizer, torch.optim.AdamW) or lambdas is None:
             raise ValueError("the static step needs AdamW and a LambdaLR schedule")
         self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data

@@ -257,11 +257,10 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
     steps_per_epoch = len(epoch_plan(streams, cfg.multitask, 0, cfg.task_sampling, cfg.epochs, cfg.seed))
     mode = input_mode(device, cfg.packing)
     optimizer, scheduler = build_optimizer(model, cfg, device, steps_per_epoch * cfg.epochs)
-    kind, note = resolve_step(cfg, device)
+    kind, note = resolve_step(cfg, device)  # final: what the static step cannot run is 'eager' already
     if note:
         logger.info("%s", note)
-    if cfg.compile:
-        compile_encoder(model.encoder, kind, device)
+    compiled = compile_encoder(model.encoder, kind, device) if cfg.compile else None
 
     out = Path(out_dir) if out_dir is not None else None
     identity = run_identity(cfg, run_id) if out is not None else None
@@ -295,13 +294,9 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
     stats = StepStats(device)  # loss sum and first non-finite step, accumulated on the device
     stepper = None  # None: the eager step (train_step)
     if kind != "eager":
-        try:
-            compiled = "reduce-overhead" if cfg.compile and kind == "static" and device.type == "cuda" else None
-            stepper = StaticStep(model, optimizer, scheduler, train_data, cfg, amp, steps_per_epoch * cfg.epochs,
-                                 stats, graphs=kind == "graphs", compiled=compiled)
-            logger.info("training step: %s", stepper.describe())
-        except ValueError as exc:  # an optimizer or schedule the static step does not implement
-            logger.info("%s: eager step", exc)
+        stepper = StaticStep(model, optimizer, scheduler, train_data, cfg, amp, steps_per_epoch * cfg.epochs,
+                             stats, graphs=kind == "graphs", compiled=compiled)
+        logger.info("training step: %s", stepper.describe())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
