@@ -162,14 +162,12 @@ class StepStats:
         bad = torch.logical_and(~torch.isfinite(loss), self.first_bad < 0)
         self.first_bad.copy_(torch.where(bad, step, self.first_bad))
 
-    def first_nonfinite(self) -> int | None:
-        """The first step whose loss was NaN or infinite, if any. SYNC: waits for the device."""
-        first = int(self.first_bad)
-        return None if first < 0 else first
-
-    def mean(self, steps: int) -> float:
-        """Mean loss over `steps` steps. SYNC: waits for the device."""
-        return float(self.loss_sum) / max(1, steps)
+    def read(self, steps: int) -> tuple[int | None, float]:
+        """The first step whose loss was NaN or infinite (None: none) and the mean loss over `steps`
+        steps, in one host read. SYNC: waits for the device."""
+        # float64 holds the float32 sum and any step number exactly: one transfer instead of two
+        first, total = torch.stack((self.first_bad.double(), self.loss_sum.double())).tolist()
+        return (None if first < 0 else int(first)), total / max(1, steps)
 
 
 # ------------------------------------------------------------------ the step
