@@ -261,7 +261,13 @@ class StaticStep:
         self.optimizer._warned_capturable_if_run_uncaptured = True
 
     def end_epoch(self, step: int) -> None:
-        """Leave the optimizer and scheduler as the eager step would: float lrs, scheduler at `step`."""
+        """Leave the optimizer and scheduler as the eager step would: float lrs, scheduler at `step`.
+
+        Needed every epoch, not only at the end: the checkpoint written after each epoch must be the
+        eager step's (`step` and `device` are speed fields, so a resume may run another step), and
+        begin_epoch hands the device lrs back for the next epoch. Only param-group entries change
+        hands (begin_epoch's step-count move is a no-op once the counts are on the device).
+        """
         for group, flags in zip(self.optimizer.param_groups, self.saved_flags):
             group.update(flags)
         self.saved_flags = []
@@ -374,7 +380,7 @@ class StaticStep:
 
     def describe(self) -> str:
         """One line for the log: what this step does."""
+        shapes = f"static shapes (widths {', '.join(map(str, self.widths))})"
         if self.graphs_on:
-            return f"static shapes (widths {', '.join(map(str, self.widths))}) with CUDA graphs"
-        suffix = f" (graphs off: {self.graph_error})" if self.graph_error else ""
-        return f"static shapes (widths {', '.join(map(str, self.widths))}){suffix}"
+            return f"{shapes} with CUDA graphs"
+        return f"{shapes} (graphs off: {self.graph_error})" if self.graph_error else shapes
