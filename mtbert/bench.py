@@ -45,6 +45,7 @@ import torch
 from .cli import BENCH_VARIANTS
 from .config import TrainConfig, resolve_data_dir, resolve_device
 from .data import RawTask, TaskStream, load_splits, read_task, task_path
+from .methods import DEFAULTS
 from .model import MultitaskBert, load_pretrained
 from .inputs import batch_pieces, encoder_tokens, input_mode
 from .static_step import StaticStep, StepStats, compile_encoder
@@ -116,7 +117,7 @@ def reference_step(model, optimizer, tokenizer, raw: dict[str, RawTask], rng: np
         spec = TASK_TABLE[task]
         y = torch.tensor([raw[task].labels[i] for i in idx], device=device,
                          dtype=torch.int64 if spec.integer_labels else torch.float32)
-        losses.append(spec.loss(spec.outputs(model, vecs), y))
+        losses.append(spec.report_loss.fn(spec.outputs(model, vecs), y, vecs, DEFAULTS))
     loss = sum(losses)
     optimizer.zero_grad()
     loss.backward()
@@ -149,14 +150,13 @@ class _Stepper:
         self.model, self.cfg, self.plan, self.streams, self.device = model, cfg, plan, streams, device
         self.amp = cfg.amp and device.type == "cuda"
         self.mode = input_mode(device, cfg.packing)
-        if variant.endswith("compile"):
-            compile_encoder(model.encoder, self.kind, device)
+        compiled = compile_encoder(model.encoder, self.kind, device) if variant.endswith("compile") else None
         self.optimizer, self.scheduler = build_optimizer(model, cfg, device, total_steps)
         self.static = None
         if self.kind != "eager":
             self.static = StaticStep(model, self.optimizer, self.scheduler, data, cfg, self.amp, total_steps,
                                      StepStats(device), graphs=self.kind == "graphs",
-                                     compiled="reduce-overhead" if variant == "compile" else None)
+                                     compiled=compiled)
             self.static.begin_epoch(plan, streams, 0)
 
     def __call__(self, i: int) -> None:

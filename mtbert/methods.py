@@ -127,8 +127,7 @@ def cosent_loss(scores: torch.Tensor, labels: torch.Tensor, scale: float) -> tor
 
 def task_loss(task: Task, cfg: TrainConfig):
     """The named loss of `task` that cfg chooses (the table's first where the task has no option)."""
-    name = getattr(cfg, task.loss_option) if task.loss_option else next(iter(task.losses))
-    return task.losses[name].fn
+    return task.losses[getattr(cfg, task.loss_option)].fn if task.loss_option else task.report_loss.fn
 
 
 def pair_encoding(task: Task, cfg: TrainConfig) -> str | None:

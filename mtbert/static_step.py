@@ -118,8 +118,8 @@ def resolve_step(cfg: TrainConfig, device: torch.device) -> tuple[str, str | Non
     return wanted, None
 
 
-def compile_encoder(encoder: nn.Module, kind: str, device: torch.device) -> None:
-    """torch.compile the encoder for step `kind`.
+def compile_encoder(encoder: nn.Module, kind: str, device: torch.device) -> str | None:
+    """torch.compile the encoder for step `kind`; return compile's mode (StaticStep's `compiled`).
 
     eager: dynamic shapes, as before. static: on CUDA mode="reduce-overhead" (compile's own CUDA
     graphs around the encoder's forward and backward, one per shape). graphs: default mode, its
@@ -130,7 +130,7 @@ def compile_encoder(encoder: nn.Module, kind: str, device: torch.device) -> None
     """
     if kind == "eager":
         encoder.compile(dynamic=True)
-        return
+        return None
     from torch import _dynamo
 
     limit = len(training_shapes(range(8, 41, 8), 128)) + 2 * len(WIDTHS) + 4
@@ -139,6 +139,7 @@ def compile_encoder(encoder: nn.Module, kind: str, device: torch.device) -> None
             setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), limit))
     mode = "reduce-overhead" if kind == "static" and device.type == "cuda" else None
     encoder.compile(mode=mode)
+    return mode
 
 
 # ------------------------------------------------------------------ statistics
@@ -162,14 +163,12 @@ class StepStats:
         bad = torch.logical_and(~torch.isfinite(loss), self.first_bad < 0)
         self.first_bad.copy_(torch.where(bad, step, self.first_bad))
 
-    def first_nonfinite(self) -> int | None:
-        """The first step whose loss was NaN or infinite, if any. SYNC: waits for the device."""
-        first = int(self.first_bad)
-        return None if first < 0 else first
-
-    def mean(self, steps: int) -> float:
-        """Mean loss over `steps` steps. SYNC: waits for the device."""
-        return float(self.loss_sum) / max(1, steps)
+    def read(self, steps: int) -> tuple[int | None, float]:
+        """The first step whose loss was NaN or infinite (None: none) and the mean loss over `steps`
+        steps, in one host read. SYNC: waits for the device."""
+        # float64 holds the float32 sum and any step number exactly: one transfer instead of two
+        first, total = torch.stack((self.first_bad.double(), self.loss_sum.double())).tolist()
+        return (None if first < 0 else int(first)), total / max(1, steps)
 
 
 # ------------------------------------------------------------------ the step
@@ -213,6 +212,7 @@ class StaticStep:
                  cfg: TrainConfig, amp: bool, total_steps: int, stats: StepStats, graphs: bool = False,
                  compiled: str | None = None):
         lambdas = getattr(scheduler, "lr_lambdas", None)
+        # mtbert.train.build_optimizer always gives these: this guards other callers (bench, tests), not a fallback
         if not isinstance(optimizer, torch.optim.AdamW) or lambdas is None:
             raise ValueError("the static step needs AdamW and a LambdaLR schedule")
         self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
@@ -262,7 +262,13 @@ class StaticStep:
         self.optimizer._warned_capturable_if_run_uncaptured = True
 
     def end_epoch(self, step: int) -> None:
-        """Leave the optimizer and scheduler as the eager step would: float lrs, scheduler at `step`."""
+        """Leave the optimizer and scheduler as the eager step would: float lrs, scheduler at `step`.
+
+        Needed every epoch, not only at the end: the checkpoint written after each epoch must be the
+        eager step's (`step` and `device` are speed fields, so a resume may run another step), and
+        begin_epoch hands the device lrs back for the next epoch. Only param-group entries change
+        hands (begin_epoch's step-count move is a no-op once the counts are on the device).
+        """
         for group, flags in zip(self.optimizer.param_groups, self.saved_flags):
             group.update(flags)
         self.saved_flags = []
@@ -375,7 +381,7 @@ class StaticStep:
 
     def describe(self) -> str:
         """One line for the log: what this step does."""
+        shapes = f"static shapes (widths {', '.join(map(str, self.widths))})"
         if self.graphs_on:
-            return f"static shapes (widths {', '.join(map(str, self.widths))}) with CUDA graphs"
-        suffix = f" (graphs off: {self.graph_error})" if self.graph_error else ""
-        return f"static shapes (widths {', '.join(map(str, self.widths))}){suffix}"
+            return f"{shapes} with CUDA graphs"
+        return f"{shapes} (graphs off: {self.graph_error})" if self.graph_error else shapes

@@ -130,12 +130,11 @@ class Task:
     output_stem: str  # CS224N prediction file stem: sst-dev-output.csv, para-..., sts-...
     output_header: str  # that file's header column
     outputs: Callable[[Any, list], Any]  # (model, sentence vectors per column) -> head output
-    loss: Callable[[Any, Any], Any]  # (head output, labels) -> scalar loss
     predict: Callable[[Any], Any]  # head output -> class id, 0/1 or a 0-5 score
     correlation: bool  # metric: Pearson r (True) or accuracy (False)
     head: str = ""  # the model's head attribute: MultitaskBert.<head>_head (bi) or .<head>_joint_head (cross)
     # multitask methods (README "Multitask methods"): the TrainConfig fields that choose them for this task
-    losses: dict[str, TaskLoss] = field(default_factory=dict)  # named losses; the first is the report's
+    losses: dict[str, TaskLoss] = field(default_factory=dict)  # named losses; the first is the report's (report_loss)
     loss_option: str | None = None  # TrainConfig field naming one of `losses` (None: the first)
     weight_option: str | None = None  # TrainConfig field of this task's fixed loss weight
     encoding_option: str | None = None  # pair tasks: TrainConfig field "bi" | "cross" | "both"
@@ -147,6 +146,11 @@ class Task:
     def classification(self) -> bool:
         """Classes (a likelihood over labels) rather than a regressed score: decides uncertainty weighting's form."""
         return self.integer_labels
+
+    @property
+    def report_loss(self) -> TaskLoss:
+        """The report's loss: the first of `losses` (what the task trains on at TrainConfig's defaults)."""
+        return next(iter(self.losses.values()))
 
     @property
     def pair(self) -> bool:
@@ -173,17 +177,17 @@ class Task:
 
 TASK_TABLE: dict[str, Task] = {
     "sst": Task("sst", "SST", "ids-sst-{split}.csv", ("sentence",), "sentiment", 0, 4, True,
-                "sst_acc", "SST acc", "sst", "sst", "Predicted_Sentiment", _sst_outputs, _cross_entropy, _argmax, False,
+                "sst_acc", "SST acc", "sst", "sst", "Predicted_Sentiment", _sst_outputs, _argmax, False,
                 head="sst", losses={"ce": _plain(_cross_entropy)}, weight_option="sst_weight",
                 divergence=_categorical_divergence),
     "quora": Task("quora", "Quora", "quora-{split}.csv", ("sentence1", "sentence2"), "is_duplicate", 0, 1, True,
-                  "quora_acc", "Quora acc", "para", "para", "Predicted_Is_Paraphrase", _para_outputs, _bce, _positive, False,
+                  "quora_acc", "Quora acc", "para", "para", "Predicted_Is_Paraphrase", _para_outputs, _positive, False,
                   head="para", losses={"bce": _plain(_bce), "bce_mnr": TaskLoss(_bce_mnr, needs_vectors=True)},
                   loss_option="quora_loss", weight_option="quora_weight", encoding_option="quora_encoding",
                   joint_outputs=_para_joint_outputs, divergence=_bernoulli_divergence),
     "sts": Task("sts", "STS", "sts-{split}.csv", ("sentence1", "sentence2"), "similarity", 0.0, 5.0, False,
                 "sts_corr", "STS r", "sts", "sts", "Predicted_Similiarity",  # sic: the course's spelling
-                _sts_outputs, _mse, _clamp_0_5, True,
+                _sts_outputs, _clamp_0_5, True,
                 head="sts", losses={"mse": _plain(_mse), "cosent": TaskLoss(_sts_cosent),
                                     "mse_cosent": TaskLoss(_sts_mse_cosent)},
                 loss_option="sts_loss", weight_option="sts_weight", encoding_option="sts_encoding",

@@ -257,11 +257,10 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
     steps_per_epoch = len(epoch_plan(streams, cfg.multitask, 0, cfg.task_sampling, cfg.epochs, cfg.seed))
     mode = input_mode(device, cfg.packing)
     optimizer, scheduler = build_optimizer(model, cfg, device, steps_per_epoch * cfg.epochs)
-    kind, note = resolve_step(cfg, device)
+    kind, note = resolve_step(cfg, device)  # final: what the static step cannot run is 'eager' already
     if note:
         logger.info("%s", note)
-    if cfg.compile:
-        compile_encoder(model.encoder, kind, device)
+    compiled = compile_encoder(model.encoder, kind, device) if cfg.compile else None
 
     out = Path(out_dir) if out_dir is not None else None
     identity = run_identity(cfg, run_id) if out is not None else None
@@ -295,13 +294,9 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
     stats = StepStats(device)  # loss sum and first non-finite step, accumulated on the device
     stepper = None  # None: the eager step (train_step)
     if kind != "eager":
-        try:
-            compiled = "reduce-overhead" if cfg.compile and kind == "static" and device.type == "cuda" else None
-            stepper = StaticStep(model, optimizer, scheduler, train_data, cfg, amp, steps_per_epoch * cfg.epochs,
-                                 stats, graphs=kind == "graphs", compiled=compiled)
-            logger.info("training step: %s", stepper.describe())
-        except ValueError as exc:  # an optimizer or schedule the static step does not implement
-            logger.info("%s: eager step", exc)
+        stepper = StaticStep(model, optimizer, scheduler, train_data, cfg, amp, steps_per_epoch * cfg.epochs,
+                             stats, graphs=kind == "graphs", compiled=compiled)
+        logger.info("training step: %s", stepper.describe())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -310,6 +305,7 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
         model.train()
         plan = epoch_plan(streams, cfg.multitask, epoch, cfg.task_sampling, cfg.epochs, cfg.seed)
         stats.reset()
+        train_loss = 0.0  # the mean of the epoch's steps, read at the last step's check
         if stepper is not None:
             stepper.begin_epoch(plan, streams, step)  # the epoch's batches go to the device in one copy
         bar = tqdm(plan, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=not progress,
@@ -322,19 +318,19 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
                 loss = train_step(model, optimizer, scheduler, streams, batches, amp, cfg.max_grad_norm, mode, cfg)
                 stats.add(loss, step + 1)
             step += 1
-            if (i + 1) % check_every == 0 or i == len(plan) - 1:
-                bad = stats.first_nonfinite()  # SYNC: the loop's only wait for the device
+            if (i + 1) % check_every == 0 or i == len(plan) - 1:  # the last step always checks: train_loss
+                bad, train_loss = stats.read(i + 1)  # SYNC: the loop's only wait for the device
                 if bad is not None:
                     raise NonFiniteLossError(bad, epoch + 1)
                 if progress:
-                    bar.set_postfix(loss=f"{stats.mean(i + 1):.3f}", refresh=False)
+                    bar.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
         bar.close()
         if stepper is not None:
             stepper.end_epoch(step)  # optimizer and scheduler as the eager step leaves them
         metrics, predictions = evaluate(model, dev_data, cfg.eval_batch_size, amp, mode,
                                         widths=stepper.widths if stepper is not None else None)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        result = EpochResult(epoch + 1, metrics, stats.mean(len(plan)), time.perf_counter() - t0, step,
+        result = EpochResult(epoch + 1, metrics, train_loss, time.perf_counter() - t0, step,
                              peak_memory_bytes=peak, predictions=predictions)
         history.append({k: v for k, v in result.to_dict().items() if k != "resumed"})
         results.append(result)

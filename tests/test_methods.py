@@ -15,7 +15,7 @@ import torch
 from mtbert.config import ENCODINGS, TASK_SAMPLINGS, TrainConfig, add_config_arguments
 from mtbert.data import TASKS, TaskStream, load_splits
 from mtbert.inputs import batch_pieces, embed_pieces
-from mtbert.methods import (cosent_loss, layer_depth, mnr_loss, pcgrad_backward, pcgrad_project,
+from mtbert.methods import (DEFAULTS, cosent_loss, layer_depth, mnr_loss, pcgrad_backward, pcgrad_project,
                             sampling_probabilities, task_plan, weigh_losses)
 from mtbert.model import MultitaskBert, load_pretrained
 from mtbert.tasks import TASK_TABLE
@@ -70,7 +70,8 @@ def test_defaults_compute_what_the_trainer_computed_before_the_methods(tiny_mode
 
 
 def test_bi_switch_is_the_report_model_and_loss(tiny_model, tiny_data):
-    """At 'bi' (and every other default) the step's loss is the old formula: sum of task.loss(task.outputs(..))."""
+    """At 'bi' (and every other default) the step's loss is the old formula: the sum over tasks of
+    task.report_loss (the table's first loss) of task.outputs(..)."""
     cfg = tiny_cfg(tiny_model, tiny_data, hidden_dropout_prob=0.0)
     prepared = prepare(cfg)
     model = build(prepared, cfg).eval()
@@ -85,8 +86,8 @@ def test_bi_switch_is_the_report_model_and_loss(tiny_model, tiny_data):
         vecs = iter(embed_pieces(model, [p for b in batches for p in batch_pieces(streams[b.task], b)], "per_piece"))
         for b in batches:
             task = TASK_TABLE[b.task]
-            old = task.loss(task.outputs(model, [next(vecs) for _ in task.sentence_columns]),
-                            streams[b.task].data.labels[b.rows])
+            v = [next(vecs) for _ in task.sentence_columns]
+            old = task.report_loss.fn(task.outputs(model, v), streams[b.task].data.labels[b.rows], v, DEFAULTS)
             assert torch.equal(new[b.task], old), b.task
 
 
