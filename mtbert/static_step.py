@@ -166,8 +166,8 @@ class StepStats:
     def read(self, steps: int) -> tuple[int | None, float]:
         """The first step whose loss was NaN or infinite (None: none) and the mean loss over `steps`
         steps, in one host read. SYNC: waits for the device."""
-        # float64 holds the float32 sum and any step number exactly: one transfer instead of two
-        first, total = torch.stack((self.first_bad.double(), self.loss_sum.double())).tolist()
+        # one transfer instead of two; float32, not float64, which MPS lacks: step numbers stay exact below 2**24
+        first, total = torch.stack((self.first_bad.float(), self.loss_sum)).tolist()
         return (None if first < 0 else int(first)), total / max(1, steps)
 
 
