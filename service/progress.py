@@ -137,8 +137,8 @@ class BarDisplay(LineDisplay):
         self.bar.n = min(sum(counts[s] for s in FINISHED), spec.n_trials)
         running = [f"#{t.number} epoch {max(t.intermediate_values, default=0)}/{planned_epochs(t, spec)}"
                    for t in trials if t.state == TrialState.RUNNING]
-        self.bar.set_postfix_str(progress_text(study, spec, counts) + (f" | {', '.join(running)}" if running else ""),
-                                 refresh=True)
+        text = progress_text(study, spec, counts, trials)  # this poll's snapshot: no second read of the storage
+        self.bar.set_postfix_str(text + (f" | {', '.join(running)}" if running else ""), refresh=True)
 
     def close(self) -> None:
         self.bar.close()
@@ -175,8 +175,14 @@ def follow(study: optuna.Study, spec: StudySpec, workers: list, poll: float = 2.
         display.close()
 
 
-def progress_text(study: optuna.Study, spec: StudySpec, counts) -> str:
-    best = best_trial(study, spec)
+def progress_text(study: optuna.Study, spec: StudySpec, counts: Counter,
+                  trials: Sequence[FrozenTrial] | None = None) -> str:
+    """The one-line state of the study: trials by state and the best so far.
+
+    trials: the snapshot `counts` was taken from, where the caller has it (it is not read again); None
+    reads the complete trials from the storage.
+    """
+    best = best_trial(study, spec, trials)
     best_text = f"best {best.value:.4f} (#{best.number})" if best else "best -"
     return (f"complete {counts[TrialState.COMPLETE]} pruned {counts[TrialState.PRUNED]} "
             f"failed {counts[TrialState.FAIL]} running {counts[TrialState.RUNNING]} | {best_text}")

@@ -1,22 +1,33 @@
 """Which trials are best: the study's best complete trial and its leaderboard (used by search.py and reports)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import optuna
 import pandas as pd
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from mtbert.tasks import TASK_METRICS
 from studies import StudySpec
 
 
-def ranked_complete(study: optuna.Study, spec: StudySpec) -> list[optuna.trial.FrozenTrial]:
-    """The complete trials, best first by the study's direction (pruned trials never rank)."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+def ranked_complete(study: optuna.Study, spec: StudySpec,
+                    trials: Sequence[FrozenTrial] | None = None) -> list[FrozenTrial]:
+    """The complete trials, best first by the study's direction (pruned trials never rank).
+
+    trials: the study's trials as the caller already fetched them (all states), so that they are not read
+    from the storage again; None reads them.
+    """
+    if trials is None:
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
     return sorted(complete, key=lambda t: t.value, reverse=spec.direction == "maximize")
 
 
-def best_trial(study: optuna.Study, spec: StudySpec) -> optuna.trial.FrozenTrial | None:
-    ranked = ranked_complete(study, spec)
+def best_trial(study: optuna.Study, spec: StudySpec,
+               trials: Sequence[FrozenTrial] | None = None) -> FrozenTrial | None:
+    """The best complete trial (of `trials` where the caller already fetched them), or None."""
+    ranked = ranked_complete(study, spec, trials)
     return ranked[0] if ranked else None
 
 
