@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 import storage as storage_lib
 from mtbert.tasks import SCORE_NAMES, TASK_METRICS
 from service.ranking import best_trial, leaderboard
-from service.study import FINISHED, trial_counts
+from service.study import FINISHED
 from studies import StudySpec
 
 
@@ -189,9 +189,11 @@ def progress_text(study: optuna.Study, spec: StudySpec, counts: Counter,
 
 
 def print_summary(study: optuna.Study, spec: StudySpec, top: int = 10) -> pd.DataFrame:
-    df = leaderboard(study, spec)
-    counts = trial_counts(study)
-    print(f"\nstudy {spec.name}: {progress_text(study, spec, counts)} | budget {spec.n_trials}")
+    """Print the study's state line and its top leaderboard rows; return the whole leaderboard."""
+    trials = study.get_trials(deepcopy=False)  # one read: leaderboard, counts and best share this snapshot
+    df = leaderboard(study, spec, trials)
+    counts = Counter(t.state for t in trials)
+    print(f"\nstudy {spec.name}: {progress_text(study, spec, counts, trials)} | budget {spec.n_trials}")
     if not df.empty:
         with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 4):
             print(df.head(top).to_string(index=False))

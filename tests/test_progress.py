@@ -9,12 +9,13 @@ import warnings
 from collections import Counter
 
 import optuna
+import pandas as pd
 import pytest
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from service import progress
-from service.ranking import best_trial
+from service.ranking import best_trial, leaderboard, trials_frame
 from studies import load_spec
 
 ATTRS = ("number", "state", "params", "user_attrs", "duration")
@@ -74,12 +75,31 @@ def counting(study, monkeypatch) -> list[int]:
     return calls
 
 
-def test_the_best_from_a_snapshot_is_the_best_read_from_the_storage(study_and_spec):
+def test_trials_frame_is_optunas_trials_dataframe(study_and_spec):
+    study, _ = study_and_spec
+    pd.testing.assert_frame_equal(trials_frame(study.get_trials(deepcopy=False), ATTRS),
+                                  study.trials_dataframe(attrs=ATTRS))
+    assert trials_frame([], ATTRS).equals(pd.DataFrame())
+
+
+def test_best_and_leaderboard_from_a_snapshot_match_reading_the_storage(study_and_spec):
     study, spec = study_and_spec
     trials = study.get_trials(deepcopy=False)
     assert best_trial(study, spec, trials).number == best_trial(study, spec).number == 2  # the first of a tie
+    pd.testing.assert_frame_equal(leaderboard(study, spec, trials), leaderboard(study, spec))
     counts = Counter(t.state for t in trials)
     assert progress.progress_text(study, spec, counts, trials) == progress.progress_text(study, spec, counts)
+
+
+def test_print_summary_reads_the_trials_once(study_and_spec, monkeypatch, capsys):
+    study, spec = study_and_spec
+    calls = counting(study, monkeypatch)
+    df = progress.print_summary(study, spec)
+    assert len(calls) == 1
+    out = capsys.readouterr().out
+    assert (f"study {spec.name}: complete 3 pruned 1 failed 1 running 1 | best 0.7000 (#2) | budget {spec.n_trials}"
+            in out)
+    assert list(df["number"])[:3] == [2, 5, 0]
 
 
 def test_a_poll_reads_the_trials_once(study_and_spec, monkeypatch):
