@@ -23,6 +23,7 @@ appended to --jsonl, with the device, versions, commit and load average), then a
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -232,21 +233,29 @@ def wait_at_barrier(folder: Path, processes: int, timeout: float = 600.0) -> Non
         time.sleep(0.05)
 
 
-def environment(device: torch.device) -> dict:
-    """What a JSON row needs to be traced: versions, commit, time, and the load on the machine."""
-    import transformers
+@functools.cache
+def code_commit() -> str | None:
+    """The commit of the code this process runs ("+uncommitted" with local edits), or None without git.
 
+    Asked of git once per process: the code was imported at the start and every row ran that code.
+    """
     try:
         here = Path(__file__).resolve().parent
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=here, timeout=10).stdout.strip() or None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, cwd=here, timeout=10).stdout.strip()
-        commit = f"{commit}+uncommitted" if commit and dirty else commit
+        return f"{commit}+uncommitted" if commit and dirty else commit
     except (OSError, subprocess.SubprocessError):
-        commit = None
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """What a JSON row needs to be traced: versions, commit, time, and the load on the machine."""
+    import transformers
+
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "torch": torch.__version__,
-            "transformers": transformers.__version__, "commit": commit,
+            "transformers": transformers.__version__, "commit": code_commit(),
             "cpu_count": os.cpu_count(), "loadavg_1min": round(os.getloadavg()[0], 2)}
 
 

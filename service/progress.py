@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 import storage as storage_lib
 from mtbert.tasks import SCORE_NAMES, TASK_METRICS
 from service.ranking import best_trial, leaderboard
-from service.study import FINISHED, trial_counts
+from service.study import FINISHED
 from studies import StudySpec
 
 
@@ -160,8 +160,8 @@ class BarDisplay(LineDisplay):
         self.bar.n = min(sum(counts[s] for s in FINISHED), spec.n_trials)
         running = [f"#{t.number} epoch {max(t.intermediate_values, default=0)}/{planned_epochs(t, spec)}"
                    for t in trials if t.state == TrialState.RUNNING]
-        self.bar.set_postfix_str(progress_text(study, spec, counts) + (f" | {', '.join(running)}" if running else ""),
-                                 refresh=True)
+        text = progress_text(study, spec, counts, trials)  # this poll's snapshot: no second read of the storage
+        self.bar.set_postfix_str(text + (f" | {', '.join(running)}" if running else ""), refresh=True)
 
     def close(self) -> None:
         self.bar.close()
@@ -198,17 +198,25 @@ def follow(study: optuna.Study, spec: StudySpec, workers: list, poll: float = 2.
         display.close()
 
 
-def progress_text(study: optuna.Study, spec: StudySpec, counts) -> str:
-    best = best_trial(study, spec)
+def progress_text(study: optuna.Study, spec: StudySpec, counts: Counter,
+                  trials: Sequence[FrozenTrial] | None = None) -> str:
+    """The one-line state of the study: trials by state and the best so far.
+
+    trials: the snapshot `counts` was taken from, where the caller has it (it is not read again); None
+    reads the complete trials from the storage.
+    """
+    best = best_trial(study, spec, trials)
     best_text = f"best {best.value:.4f} (#{best.number})" if best else "best -"
     return (f"complete {counts[TrialState.COMPLETE]} pruned {counts[TrialState.PRUNED]} "
             f"failed {counts[TrialState.FAIL]} running {counts[TrialState.RUNNING]} | {best_text}")
 
 
 def print_summary(study: optuna.Study, spec: StudySpec, top: int = 10) -> pd.DataFrame:
-    df = leaderboard(study, spec)
-    counts = trial_counts(study)
-    print(f"\nstudy {spec.name}: {progress_text(study, spec, counts)} | budget {spec.n_trials}")
+    """Print the study's state line and its top leaderboard rows; return the whole leaderboard."""
+    trials = study.get_trials(deepcopy=False)  # one read: leaderboard, counts and best share this snapshot
+    df = leaderboard(study, spec, trials)
+    counts = Counter(t.state for t in trials)
+    print(f"\nstudy {spec.name}: {progress_text(study, spec, counts, trials)} | budget {spec.n_trials}")
     if not df.empty:
         with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 4):
             print(df.head(top).to_string(index=False))
