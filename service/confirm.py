@@ -134,9 +134,11 @@ def create(parent: optuna.Study, spec: StudySpec, url: str | None, request: Requ
     ranked = distinct_configurations(ranked_complete(parent, spec))
     if not ranked:
         raise ConfirmError(f"study {spec.name} has no complete trial to confirm")
-    if len(ranked) < request.top:
-        logger.warning("study %s has %d distinct complete configuration(s): confirming those, not %d", spec.name,
-                       len(ranked), request.top)
+    if len(ranked) < request.top:  # a pruned trial's score is from fewer epochs: not comparable, not a candidate
+        logger.warning("study %s has %d distinct complete configuration(s) (%d trial(s) pruned, %d failed): "
+                       "confirming those, not %d%s", spec.name, len(ranked), counts[TrialState.PRUNED],
+                       counts[TrialState.FAIL], request.top,
+                       "; a larger budget (--n-trials) completes more" if counts[TrialState.PRUNED] else "")
     parents = [_parent_record(t, rank) for rank, t in enumerate(ranked[: request.top], start=1)]
     used = {int(p["config"].get("seed", 0)) for p in parents}
     seeds = fresh_seeds(request.seeds, used, request.seed_base)
@@ -328,6 +330,10 @@ class Summary:
         return sum(len(c.runs) for c in self.configs)
 
     def verdict(self) -> str:
+        if len(self.plan["parents"]) < 2:
+            return ("The search completed one distinct configuration (the others were pruned or failed): there "
+                    "is no runner-up to compare it with. A larger budget (--n-trials) gives a confirmation more "
+                    "to compare.")
         if len(self.configs) < 2:
             return "Only one configuration has complete seeds: nothing to compare it with."
         a, b = self.configs[:2]
@@ -343,6 +349,9 @@ class Summary:
         if self.complete + self.failed < self.slots:  # a verdict on part of the seeds would read as final
             return (f"So far {self.complete} of {self.slots} confirmation trials are complete: "
                     f"no verdict on the search's best until all are.")
+        if len(self.configs) < 2:  # "also the best" of one would be empty
+            return (f"Under fresh seeds #{best.number} scores {best.mean_sd(self.plan['metric'])[0]:.4f} on average "
+                    f"against {best.parent['value']:.4f} in the search.")
         if winner is best:
             return f"The search's single-seed best, #{best.number}, is also the best under fresh seeds."
         first = next(p for p in self.plan["parents"] if p["search_rank"] == 1)

@@ -232,6 +232,24 @@ def test_without_a_confirmation_export_takes_the_search_best(tmp_path):
     assert confirm.report_markdown(parent) is None
 
 
+def test_a_search_with_one_complete_configuration_says_why_there_is_nothing_to_compare(tmp_path, caplog):
+    """Hyperband on a small budget can prune all but one trial (the CPU quickstart with sampler seed 2 did)."""
+    parent, spec, url = synthetic_parent(tmp_path, n_trials=3, rows=SEARCH[:1])
+    for value in (0.55, 0.52):
+        parent.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, intermediate_values={0: value},
+                                                   params={"lr": 1e-3, "hidden_dropout_prob": value - 0.5},
+                                                   distributions=DISTRIBUTIONS))
+    with caplog.at_level("WARNING", logger="service.confirm"):
+        study, _, added = confirm.create(parent, spec, url, Request(3, 3))
+    assert added == 3 and "1 distinct complete configuration(s) (2 trial(s) pruned, 0 failed): confirming those, " \
+        "not 3; a larger budget (--n-trials) completes more" in caplog.text
+    run_synthetic(study, {0: [0.68, 0.70, 0.72]})
+    summary = confirm.summarize(study)
+    assert summary.verdict().startswith("The search completed one distinct configuration (the others were pruned "
+                                        "or failed): there is no runner-up to compare it with.")
+    assert summary.search_best_sentence() == "Under fresh seeds #0 scores 0.7000 on average against 0.7000 in the search."
+
+
 def test_two_configurations_that_cannot_be_told_apart(tmp_path):
     parent, spec, url = synthetic_parent(tmp_path)
     study, _, _ = confirm.create(parent, spec, url, Request(2, 3))
