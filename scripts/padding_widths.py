@@ -19,29 +19,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mtbert.cli import at_least  # noqa: E402 - argparse types only: --help stays fast
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 24, 32, 40],
+    parser.add_argument("--batch-sizes", type=at_least(1), nargs="+", default=[8, 16, 24, 32, 40],
                         help="batch sizes to measure (default: 8 16 24 32 40, the lr_dropout space)")
-    parser.add_argument("--max-examples", type=int, default=0, help="examples per task, 0 = all (default: 0)")
+    parser.add_argument("--max-examples", type=at_least(0), default=0,
+                        help="examples per task, 0 = all (default: 0)")
     parser.add_argument("--data-dir", default=None, help="CS224N data folder (default: $MTBERT_DATA_DIR, else ./data)")
     parser.add_argument("--seed", type=int, default=0, help="the plan's seed (default: 0)")
     args = parser.parse_args(argv)
-    if any(b < 1 for b in args.batch_sizes):
-        parser.error("--batch-sizes must be >= 1")
 
     from mtbert.config import TrainConfig, resolve_data_dir
-    from mtbert.data import TaskStream, load_splits
-    from mtbert.model import load_pretrained
+    from mtbert.data import DataError, TaskStream, load_splits
+    from mtbert.model import ModelLoadError, load_pretrained
     from mtbert.static_step import bucket_widths, sentences_per_example, stage_epoch
     from mtbert.tasks import TASKS
     from mtbert.train import epoch_plan
 
     cfg = TrainConfig(data_dir=args.data_dir, max_examples=args.max_examples)
     data_dir = resolve_data_dir(cfg.data_dir)
-    _, tokenizer = load_pretrained(cfg.model)
-    train = load_splits(data_dir, tokenizer, ("train",), cfg.max_length, cfg.max_examples)["train"]
+    try:
+        _, tokenizer = load_pretrained(cfg.model)
+        train = load_splits(data_dir, tokenizer, ("train",), cfg.max_length, cfg.max_examples)["train"]
+    except (DataError, ModelLoadError) as exc:
+        parser.exit(2, f"padding_widths.py: {exc}\n")
     widths = bucket_widths(cfg.max_length)
     print(f"data {data_dir}, max_examples {args.max_examples or 'all'}, widths {widths}, seed {args.seed}")
     print("| batch | steps | exact positions | round8 | widths | widths over round8 | widths over exact |")

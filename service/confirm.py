@@ -170,7 +170,8 @@ def create(parent: optuna.Study, spec: StudySpec, url: str | None, request: Requ
                 study.enqueue_trial(params[trial], user_attrs={"parent_trial": trial, "seed": seed})
                 added += 1
         new_plan = {"study": spec.name, "study_uuid": parent_id, "metric": spec.metric, "direction": spec.direction,
-                    "seeds": seeds, "parents": parents}
+                    "seeds": seeds, "parents": parents,
+                    "top": max(request.top, (plan or {}).get("top", 0))}  # asked for: 1 is not "the others pruned"
         if new_plan != plan:
             study.set_user_attr("confirm", new_plan)
             study.set_user_attr("spec", cspec.to_dict())
@@ -330,10 +331,12 @@ class Summary:
         return sum(len(c.runs) for c in self.configs)
 
     def verdict(self) -> str:
+        if len(self.plan["parents"]) < 2 and self.plan.get("top", 2) < 2:
+            return "One configuration was asked for (--confirm 1): there is no runner-up to compare it with."
         if len(self.plan["parents"]) < 2:
-            return ("The search completed one distinct configuration (the others were pruned or failed): there "
-                    "is no runner-up to compare it with. A larger budget (--n-trials) gives a confirmation more "
-                    "to compare.")
+            return ("The search completed one distinct configuration (its other trials were pruned, failed or "
+                    "repeated it): there is no runner-up to compare it with. A larger budget (--n-trials) gives a "
+                    "confirmation more to compare.")
         if len(self.configs) < 2:
             return "Only one configuration has complete seeds: nothing to compare it with."
         a, b = self.configs[:2]
@@ -350,7 +353,7 @@ class Summary:
             return (f"So far {self.complete} of {self.slots} confirmation trials are complete: "
                     f"no verdict on the search's best until all are.")
         if len(self.configs) < 2:  # "also the best" of one would be empty
-            return (f"Under fresh seeds #{best.number} scores {best.mean_sd(self.plan['metric'])[0]:.4f} on average "
+            return (f"Under fresh seeds #{best.number} scores {best.mean_sd()[0]:.4f} on average "
                     f"against {best.parent['value']:.4f} in the search.")
         if winner is best:
             return f"The search's single-seed best, #{best.number}, is also the best under fresh seeds."

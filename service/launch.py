@@ -161,6 +161,8 @@ class LocalWorker:
 
     def last_error(self) -> str:
         """The last ERROR line this run wrote to the log (its message), else the log's last line."""
+        if not os.access(self.log_path, os.R_OK):
+            return f"(log {self.log_path} unreadable or missing)"
         return last_error_line(self.log_path, self.log_start) or f"(nothing in its log {self.log_path})"
 
 

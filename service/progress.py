@@ -37,6 +37,7 @@ def format_params(params: dict) -> str:
 
 
 _STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(,\d+)? ")  # logging's asctime
+_RECORD = re.compile(_STAMP.pattern + r"(DEBUG|INFO|WARNING) ")  # a logged record below ERROR: never the error
 _EXCEPTION = re.compile(r"^\w+(\.\w+)*(Error|Exception)\b")  # a traceback's last line
 
 
@@ -53,6 +54,8 @@ def last_error_line(path: Path, start: int = 0) -> str | None:
     for line in reversed(lines):
         if " ERROR " in line:
             return line.split(" ERROR ", 1)[1]
+        if _RECORD.match(line):  # an INFO/WARNING that quotes an exception ("graphs off: RuntimeError: ...")
+            continue
         if "error:" in line.lower() or _EXCEPTION.match(line):
             return _STAMP.sub("", line)
     return _STAMP.sub("", lines[-1]) if lines else None

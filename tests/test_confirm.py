@@ -126,10 +126,13 @@ CONFIRMED = {0: [0.58, 0.60, 0.59], 4: [0.60, 0.64, 0.62], 2: [0.50, 0.70, 0.48]
 
 
 def synthetic_parent(tmp_path: Path, n_trials: int = 5, rows=SEARCH, config: dict | None = None,
-                     url: str | None = None, pruner: str = 'type = "none"') -> tuple[optuna.Study, object, str]:
+                     url: str | None = None, pruner: str = 'type = "none"',
+                     metric: str = "overall") -> tuple[optuna.Study, object, str]:
     """A finished search without training: complete trials with the given values and recorded configs
     (a confirmation re-trains from the configs; the search's own scores only rank them)."""
-    spec = load_spec(study_file(tmp_path, n_trials=n_trials, pruner=pruner))
+    path = study_file(tmp_path, n_trials=n_trials, pruner=pruner)
+    path.write_text(path.read_text().replace('metric = "overall"', f'metric = "{metric}"'))
+    spec = load_spec(path)
     url = url or f"sqlite:///{tmp_path / 'c.db'}"
     study = open_study(spec, url, {})
     for value, lr, dropout in rows:
@@ -245,9 +248,27 @@ def test_a_search_with_one_complete_configuration_says_why_there_is_nothing_to_c
         "not 3; a larger budget (--n-trials) completes more" in caplog.text
     run_synthetic(study, {0: [0.68, 0.70, 0.72]})
     summary = confirm.summarize(study)
-    assert summary.verdict().startswith("The search completed one distinct configuration (the others were pruned "
-                                        "or failed): there is no runner-up to compare it with.")
+    assert summary.verdict().startswith("The search completed one distinct configuration (its other trials were "
+                                        "pruned, failed or repeated it): there is no runner-up to compare it with.")
     assert summary.search_best_sentence() == "Under fresh seeds #0 scores 0.7000 on average against 0.7000 in the search."
+
+
+def test_one_configuration_asked_for_is_not_blamed_on_pruning(tmp_path):
+    parent, spec, url = synthetic_parent(tmp_path)  # 4 distinct complete configurations
+    study, _, _ = confirm.create(parent, spec, url, Request(1, 3))
+    run_synthetic(study, {0: [0.68, 0.70, 0.72]})
+    assert confirm.summarize(study).verdict() == ("One configuration was asked for (--confirm 1): there is no "
+                                                  "runner-up to compare it with.")
+
+
+def test_one_configuration_s_sentence_under_a_metric_that_is_not_a_recorded_score(tmp_path):
+    """overall_normalized is a study metric, not a user attr of the trials: the mean comes from the values."""
+    parent, spec, url = synthetic_parent(tmp_path, n_trials=1, rows=SEARCH[:1], metric="overall_normalized")
+    assert spec.metric == "overall_normalized"
+    study, _, _ = confirm.create(parent, spec, url, Request(3, 3))
+    run_synthetic(study, {0: [0.68, 0.70, 0.72]})
+    assert confirm.summarize(study).search_best_sentence() == (
+        "Under fresh seeds #0 scores 0.7000 on average against 0.7000 in the search.")
 
 
 def test_two_configurations_that_cannot_be_told_apart(tmp_path):

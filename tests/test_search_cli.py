@@ -129,3 +129,21 @@ def test_override_argv_gives_workers_the_overrides_this_command_was_given():
     assert override_argv(args) == ["--epochs", "3", "--max-examples", "0", "--data-dir", "/d"]  # 0 is a value
     assert override_argv(args, skip=("data_dir",)) == ["--epochs", "3", "--max-examples", "0"]
     assert override_argv(argparse.Namespace()) == []  # a namespace without them (e.g. --status)
+
+
+def test_a_logged_warning_quoting_an_exception_is_not_the_worker_s_error(tmp_path):
+    log = tmp_path / "w.log"
+    log.write_text("2026-01-01 10:00:05,100 ERROR worker: trial 0 failed: OutOfMemoryError: CUDA out of memory\n"
+                   "2026-01-01 10:00:07,100 WARNING worker: trial 1: note not recorded: OSError: disk\n"
+                   "2026-01-01 10:00:08,100 INFO mtbert.train: training step: static (graphs off: RuntimeError: x)\n"
+                   "2026-01-01 10:00:09,100 INFO mtbert.train: epoch 1/3: loss 0.9\n")
+    assert last_error_line(log) == "worker: trial 0 failed: OutOfMemoryError: CUDA out of memory"
+
+
+def test_a_missing_worker_log_is_said_to_be_missing_not_empty(tmp_path):
+    from service.launch import LocalWorker
+    worker = LocalWorker.__new__(LocalWorker)  # only the log fields matter here
+    worker.log_path, worker.log_start = tmp_path / "gone.log", 0
+    assert worker.last_error() == f"(log {tmp_path / 'gone.log'} unreadable or missing)"
+    worker.log_path.write_text("")
+    assert worker.last_error() == f"(nothing in its log {tmp_path / 'gone.log'})"

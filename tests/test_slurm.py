@@ -474,3 +474,31 @@ def test_last_error_line_of_a_task_output(tmp_path):
     out.write_text("mtbert worker.sbatch: error: no worker.py in /x\n")
     assert launcher.last_error_line(out) == "mtbert worker.sbatch: error: no worker.py in /x"
     assert launcher.last_error_line(tmp_path / "missing.out") is None
+
+
+def test_tasks_and_later_commands_agree_on_the_checkpoint_folder(tmp_path, monkeypatch, caplog):
+    """worker.sbatch's shared-folder block and storage.checkpoint_dir() give the same folders for every
+    mix of MTBERT_SHARED_DIR and the per-kind variables, so --export-best on a login node finds what the
+    tasks wrote; search.py warns when a per-kind variable overrides --shared-dir."""
+    text = SCRIPT.read_text()
+    block = text[text.index("if [[ -n ${MTBERT_SHARED_DIR:-} ]]"):]
+    block = block[:block.index("\nfi\n") + 4]
+    shared, mine = tmp_path / "shared", tmp_path / "mine"
+    for own in (None, mine):
+        env = {k: v for k, v in os.environ.items() if k not in ("MTBERT_CHECKPOINT_DIR", "MTBERT_ARTIFACT_DIR")}
+        env["MTBERT_SHARED_DIR"] = str(shared)
+        if own is not None:
+            env["MTBERT_CHECKPOINT_DIR"] = str(own)
+        task = subprocess.run(["bash", "-c", block + 'echo "$MTBERT_CHECKPOINT_DIR|$MTBERT_ARTIFACT_DIR"'], env=env,
+                              capture_output=True, text=True, check=True).stdout.strip().split("|")
+        monkeypatch.delenv("MTBERT_CHECKPOINT_DIR", raising=False)
+        monkeypatch.delenv("MTBERT_ARTIFACT_DIR", raising=False)
+        for k in ("MTBERT_SHARED_DIR", "MTBERT_CHECKPOINT_DIR"):
+            if k in env:
+                monkeypatch.setenv(k, env[k])
+        assert task[0] == str(storage_lib.checkpoint_dir()) == str(own or shared / "checkpoints")
+        assert task[1] == str(shared / "artifacts")
+    url_file = launcher.storage_file_for_tasks("sqlite:///x.db", None, tmp_path)
+    with caplog.at_level("WARNING", logger=launcher.logger.name):
+        launcher.task_environment("sqlite:///x.db", url_file, str(shared), seed=None)
+    assert f"MTBERT_CHECKPOINT_DIR={mine} is set: the tasks use it, not {shared}/checkpoints" in caplog.text
