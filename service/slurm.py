@@ -259,9 +259,9 @@ def task_environment(url: str, storage_file: Path, shared_dir: str | None, seed:
     if shared_dir:
         env["MTBERT_SHARED_DIR"] = str(Path(shared_dir).resolve())
         for name, sub in (("MTBERT_CHECKPOINT_DIR", "checkpoints"), ("MTBERT_ARTIFACT_DIR", "artifacts")):
-            if env.get(name):  # the more specific setting wins, on the tasks and in every later command alike
-                logger.warning("%s=%s is set: the tasks use it, not %s/%s (unset it to keep everything under "
-                               "--shared-dir)", name, env[name], env["MTBERT_SHARED_DIR"], sub)
+            if env.get(name) and Path(env[name]).resolve() != Path(env["MTBERT_SHARED_DIR"]) / sub:
+                logger.warning("%s=%s is ignored: the shared folder decides, the tasks use %s/%s", name, env[name],
+                               env["MTBERT_SHARED_DIR"], sub)
     if seed is not None:
         env["MTBERT_SEED"] = str(seed)
     return env

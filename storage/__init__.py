@@ -714,13 +714,13 @@ def trial_slot_lock(storage: RDBStorage, study_name: str) -> Iterator[None]:
 
 
 def _folder(variable: str, sub: str) -> Path:
-    """The folder in env ``variable``, else ``$MTBERT_SHARED_DIR/<sub>`` (the layout a SLURM launch with
-    --shared-dir gives its tasks, so commands run afterwards on a login node find the same files), else
-    ``storage/<sub>``; created. StorageConfigError when it cannot be."""
-    if os.environ.get(variable):
-        source, path = variable, Path(os.environ[variable])
-    elif os.environ.get("MTBERT_SHARED_DIR"):
+    """``$MTBERT_SHARED_DIR/<sub>`` when that is set (cluster/slurm/worker.sbatch gives its tasks the
+    same, so commands run afterwards on a login node find what the tasks wrote), else the folder in env
+    ``variable``, else ``storage/<sub>``; created. StorageConfigError when it cannot be."""
+    if os.environ.get("MTBERT_SHARED_DIR"):
         source, path = "MTBERT_SHARED_DIR", Path(os.environ["MTBERT_SHARED_DIR"]) / sub
+    elif os.environ.get(variable):
+        source, path = variable, Path(os.environ[variable])
     else:
         source, path = variable, STORAGE_DIR / sub
     path = path.expanduser()
@@ -733,12 +733,12 @@ def _folder(variable: str, sub: str) -> Path:
 
 
 def artifact_store() -> optuna.artifacts.FileSystemArtifactStore:
-    """Artifact store under ``MTBERT_ARTIFACT_DIR``, ``$MTBERT_SHARED_DIR/artifacts`` or ``storage/artifacts``."""
+    """Artifact store under ``$MTBERT_SHARED_DIR/artifacts``, ``MTBERT_ARTIFACT_DIR`` or ``storage/artifacts``."""
     return optuna.artifacts.FileSystemArtifactStore(str(_folder("MTBERT_ARTIFACT_DIR", "artifacts")))
 
 
 def checkpoint_dir() -> Path:
-    """``MTBERT_CHECKPOINT_DIR``, ``$MTBERT_SHARED_DIR/checkpoints`` or ``storage/checkpoints`` (created)."""
+    """``$MTBERT_SHARED_DIR/checkpoints``, ``MTBERT_CHECKPOINT_DIR`` or ``storage/checkpoints`` (created)."""
     return _folder("MTBERT_CHECKPOINT_DIR", "checkpoints")
 
 

@@ -345,7 +345,7 @@ def test_a_storage_call_rides_out_an_outage_and_gives_up_past_the_limit(tmp_path
 
 def test_checkpoint_and_artifact_folders_follow_the_shared_folder(tmp_path, monkeypatch):
     """After a SLURM launch with a shared folder, $MTBERT_SHARED_DIR alone finds the tasks' checkpoints and
-    artifacts (export, dashboard, cleanup on a login node); an explicit per-kind folder still wins."""
+    artifacts (export, dashboard, cleanup on a login node); it decides over a per-kind folder, as on the tasks."""
     for name in ("MTBERT_CHECKPOINT_DIR", "MTBERT_ARTIFACT_DIR"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MTBERT_SHARED_DIR", str(tmp_path / "shared"))
@@ -353,6 +353,8 @@ def test_checkpoint_and_artifact_folders_follow_the_shared_folder(tmp_path, monk
     storage.artifact_store().write("a1", io.BytesIO(b"x"))
     assert (tmp_path / "shared" / "artifacts" / "a1").read_bytes() == b"x"
     monkeypatch.setenv("MTBERT_CHECKPOINT_DIR", str(tmp_path / "mine"))
+    assert storage.checkpoint_dir() == tmp_path / "shared" / "checkpoints"
+    monkeypatch.delenv("MTBERT_SHARED_DIR")
     assert storage.checkpoint_dir() == tmp_path / "mine"
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("MTBERT_CHECKPOINT_DIR", str(tmp_path / "file" / "sub"))
