@@ -1,6 +1,5 @@
 """search.py's display reads the study's trials once per poll and once per summary (service.progress),
-and what it shows is what reading them piecemeal showed (service.ranking.trials_frame is Optuna's
-trials_dataframe)."""
+and what it shows is what reading them piecemeal showed."""
 from __future__ import annotations
 
 import datetime as dt
@@ -15,10 +14,9 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from service import progress
-from service.ranking import best_trial, leaderboard, trials_frame
+from service.ranking import best_trial, leaderboard
 from studies import load_spec
 
-ATTRS = ("number", "state", "params", "user_attrs", "duration")
 START = dt.datetime(2024, 1, 1, 12, 0, 0)
 
 
@@ -75,11 +73,19 @@ def counting(study, monkeypatch) -> list[int]:
     return calls
 
 
-def test_trials_frame_is_optunas_trials_dataframe(study_and_spec):
-    study, _ = study_and_spec
-    pd.testing.assert_frame_equal(trials_frame(study.get_trials(deepcopy=False), ATTRS),
-                                  study.trials_dataframe(attrs=ATTRS))
-    assert trials_frame([], ATTRS).equals(pd.DataFrame())
+def test_the_leaderboard_of_a_trial_in_every_state(study_and_spec):
+    study, spec = study_and_spec
+    df = leaderboard(study, spec)
+    assert list(df.columns) == ["number", "state", "overall", "sst_acc", "quora_acc", "sts_corr", "batch_size",
+                                "hidden_dropout_prob", "lr", "epochs_done", "device", "duration", "fail_reason"]
+    assert list(df["number"])[:3] == [2, 5, 0]  # complete first, best first; then the rest, no value last
+    rows = {r["number"]: r for r in df.to_dict("records")}
+    assert (rows[0]["overall"], rows[0]["sst_acc"], rows[0]["epochs_done"], rows[0]["duration"]) == (0.61, 0.4, 2, 91.3)
+    assert rows[3]["state"] == "FAIL" and rows[3]["fail_reason"] == "NaN loss" and rows[3]["duration"] == 3.0
+    assert rows[1]["device"] == "cpu" and pd.isna(rows[1]["overall"])  # a pruned trial made without a value
+    assert rows[4]["state"] == "RUNNING" and pd.isna(rows[4]["duration"]) and rows[4]["hidden_dropout_prob"] == 0.4
+    assert rows[6]["state"] == "WAITING" and pd.isna(rows[6]["lr"])  # enqueued params are not params yet
+    assert df["overall"].dtype == float and df["duration"].dtype == float
 
 
 def test_best_and_leaderboard_from_a_snapshot_match_reading_the_storage(study_and_spec):
