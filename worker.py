@@ -38,9 +38,10 @@ from optuna.trial import TrialState
 import storage as storage_lib
 from mtbert.tasks import SCORES
 from mtbert.config import device_problem
-from service import confirm, optuna_compat
+from service import confirm
 from service.study import (FINISHED, SEED, StudyIdentityError, add_override_arguments, bounded, load_study_spec,
                            open_study, run_id, storage_url, study_uuid, trial_counts, trial_dir, trial_root)
+from storage import optuna_compat
 from studies import StudySpec, StudySpecError
 
 logger = logging.getLogger("worker")

@@ -32,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 import storage as storage_lib
 from mtbert.tasks import SCORE_NAMES, SCORES
-from service import optuna_compat
+from storage import optuna_compat
 from service.markdown import markdown_table, number
 from service.ranking import best_trial, ranked_complete
 from service.stats import PairedComparison, mean_sd, paired_t, verdict

@@ -29,7 +29,7 @@ import optuna
 from optuna.trial import TrialState
 
 import storage as storage_lib
-from service import optuna_compat
+from storage import optuna_compat
 from studies import StudySpec, StudySpecError, load_spec
 from studies.spec import OVERRIDES, override_flag, spec_differences
 

@@ -27,7 +27,7 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from sqlalchemy.engine import URL, make_url
 
-from service.optuna_compat import RDB_DATABASE_METHODS
+from storage.optuna_compat import RDB_DATABASE_METHODS
 
 __all__ = [
     "STORAGE_DIR",

@@ -364,7 +364,7 @@ def test_cleanup_never_deletes_a_folder_named_by_a_trial_attribute(tmp_path, tin
 def test_export_uses_the_identity_not_the_checkpoint_attribute(tmp_path, tiny_model, tiny_data, monkeypatch):
     import mtbert.train
     from reports.export_best import export_best
-    from service import optuna_compat
+    from storage import optuna_compat
 
     other = tmp_path / "other-run"  # a valid checkpoint of another run, named by the (writable) attribute
     train(tiny_cfg(tiny_model, tiny_data, epochs=1), out_dir=other, progress=False)

@@ -1,4 +1,4 @@
-"""The private Optuna APIs the service relies on (service/optuna_compat.py): fails when Optuna moves them."""
+"""The private Optuna APIs the service relies on (storage/optuna_compat.py): fails when Optuna moves them."""
 from __future__ import annotations
 
 import time
@@ -8,7 +8,7 @@ import pytest
 from optuna.trial import TrialState
 
 import storage as storage_lib
-from service import optuna_compat
+from storage import optuna_compat
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import text
 
 import storage
-from service import optuna_compat
+from storage import optuna_compat
 from storage import StorageUnavailable, open_storage, redact, resolve_url, trial_slot_lock
 
 
