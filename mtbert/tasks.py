@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,49 +200,20 @@ SCORE_NAMES: dict[str, str] = {**{t.metric: t.metric_display for t in TASK_TABLE
 METRICS: tuple[str, ...] = ("overall", "overall_normalized") + TASK_METRICS  # what a study may optimise
 
 
-# data_fingerprint's results in this process, by the files' paths and stat: a worker identifies every
-# trial's run by its data (mtbert.checkpoint.run_identity), and the full data is hundreds of MB to hash.
-_fingerprints: dict[tuple, str] = {}
-# A file changed within this long of the stat is not cached: file times tick coarsely (ms), so a second
-# same-size write in the same tick would keep its stat (the "racy git" problem); data files are older.
-_RACY_NS = 2_000_000_000
-
-
-def _file_state(path: Path) -> tuple[int, ...] | None:
-    """What changes when a file's content may have: size, mtime and ctime (a write, a touch -d that sets
-    mtime back, a chmod: a rehash at worst), inode (replaced by a rename); None where there is none."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
-
-
 def data_fingerprint(data_dir: str | os.PathLike, splits: tuple[str, ...] = ("train", "dev")) -> str:
     """SHA-1 over the train and dev files of every task (what a run trains and is scored on): the same
-    data at another path has the same fingerprint; a missing file counts as "<missing>".
-
-    Computed once per process for files whose paths and stat (_file_state) are unchanged since, where
-    none changed in the last _RACY_NS (their stat may not show a change yet)."""
-    files = [(task, split, Path(data_dir) / task.file_name(split)) for task in TASK_TABLE.values() for split in splits]
-    settled = time.time_ns() - _RACY_NS
-    key = tuple((task.name, split, os.path.abspath(path), _file_state(path)) for task, split, path in files)
-    if key in _fingerprints:
-        return _fingerprints[key]
-    cacheable = all(state is None or max(state[1], state[2]) < settled for *_, state in key)
+    data at another path has the same fingerprint; a missing file counts as "<missing>"."""
     h = hashlib.sha1()
-    for task, split, path in files:
-        h.update(f"{task.name}/{split}:".encode())
-        try:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-        except OSError:
-            h.update(b"<missing>")
-    fingerprint = h.hexdigest()
-    if cacheable:  # stat taken before the read: a file changed while it was read has another state next call
-        _fingerprints[key] = fingerprint
-    return fingerprint
+    for task in TASK_TABLE.values():
+        for split in splits:
+            h.update(f"{task.name}/{split}:".encode())
+            try:
+                with open(Path(data_dir) / task.file_name(split), "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+            except OSError:
+                h.update(b"<missing>")
+    return h.hexdigest()
 
 
 def has_data(data_dir: str | os.PathLike) -> bool:

@@ -474,46 +474,27 @@ def test_a_study_checks_its_data_by_content_not_by_path(tmp_path, tiny_model):
         open_study(changed, url, {"data_dir": str(other)})
 
 
-def test_the_data_fingerprint_is_hashed_once_and_a_changed_file_is_hashed_again(tmp_path, monkeypatch):
-    """The fingerprint is cached per process by the files' stat: a file edited in place, even to the same
-    size with its mtime put back (only ctime tells), replaced, or removed gives the fingerprint of the new files."""
-    import types
-
+def test_the_data_fingerprint_changes_with_the_content_of_any_file(tmp_path):
+    """A file edited in place (same size, mtime put back), replaced, or removed gives another fingerprint;
+    the original content gives the original one again (content, not file times, is what counts)."""
     from mtbert import tasks
     from tiny import write_data
 
-    def uncached(path: Path) -> str:
-        tasks._fingerprints.clear()
-        return tasks.data_fingerprint(path)
-
     data = write_data(tmp_path / "data")
-    first = uncached(data)
-    assert not tasks._fingerprints  # files written just now are not cached: a change may not show in stat yet
-    monkeypatch.setattr(tasks, "_RACY_NS", 0)  # here: this test's writes are a clock tick apart (sleep below)
-    assert uncached(data) == first
-
-    def no_hashing():
-        raise AssertionError("hashed again")
-
-    with monkeypatch.context() as m:  # unchanged files: the cached value, nothing read
-        m.setattr(tasks, "hashlib", types.SimpleNamespace(sha1=no_hashing))
-        assert tasks.data_fingerprint(data) == first
-        assert tasks.data_fingerprint(str(data)) == first
-
+    first = tasks.data_fingerprint(data)
+    assert tasks.data_fingerprint(str(data)) == first
     sst = data / tasks.TASK_TABLE["sst"].file_name("train")
     before, st = sst.read_bytes(), sst.stat()
-    time.sleep(0.05)  # a file-time tick apart (coarse kernel clock)
     sst.write_bytes(before.replace(b"awful", b"AWFUL"))  # same size
     os.utime(sst, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime as before
     assert sst.stat().st_size == st.st_size and sst.stat().st_mtime_ns == st.st_mtime_ns
     edited = tasks.data_fingerprint(data)
-    assert edited != first and edited == uncached(data)
+    assert edited != first
 
     replacement = tmp_path / "replacement.csv"
     replacement.write_bytes(before)
     os.replace(replacement, sst)  # the original content, by rename
-    assert tasks.data_fingerprint(data) == first == uncached(data)
+    assert tasks.data_fingerprint(data) == first
 
     sst.unlink()
-    missing = tasks.data_fingerprint(data)
-    assert missing not in (first, edited) and missing == uncached(data)
+    assert tasks.data_fingerprint(data) not in (first, edited)
