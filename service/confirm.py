@@ -147,10 +147,9 @@ def create(parent: optuna.Study, spec: StudySpec, url: str | None, request: Requ
     rdb = optuna_compat.rdb_storage(parent)
     with storage_lib.trial_slot_lock(rdb, name):
         try:
-            existing: optuna.Study | None = optuna.load_study(study_name=name, storage=rdb)
+            plan = optuna.load_study(study_name=name, storage=rdb).user_attrs.get("confirm")
         except KeyError:
-            existing = None
-        plan = existing.user_attrs.get("confirm") if existing is not None else None
+            plan = None
         if plan is not None:
             _check_parent(plan, parent_id, name)
             if request.top < len(plan["parents"]) or request.seeds < len(plan["seeds"]):
@@ -161,7 +160,7 @@ def create(parent: optuna.Study, spec: StudySpec, url: str | None, request: Requ
             seeds = plan["seeds"] + [s for s in seeds if s not in plan["seeds"]]
         slots = [(p["trial"], s) for s in seeds for p in parents]  # seed-major: early results pair up
         cspec = confirmation_spec(spec, len(slots), len(parents), parents[0]["config"])
-        study = open_study(cspec, url, {}, role="confirm", loaded=existing)  # the handle above: not loaded again
+        study = open_study(cspec, url, {}, role="confirm")
         have = {(t.user_attrs.get("parent_trial"), t.user_attrs.get("seed")) for t in study.get_trials(deepcopy=False)}
         params = {p["trial"]: p["params"] for p in parents}
         added = 0
@@ -223,8 +222,8 @@ def open_confirmation(study_arg: str, url: str | None, args: argparse.Namespace,
                            f"parent trials; overrides do not apply")
     parent = load_spec(study_arg[: -len(SUFFIX)])
     name = confirmation_name(parent.name)
-    try:  # loaded once, with the storage the worker runs trials on (heartbeat): open_study reuses it
-        recorded = optuna.load_study(study_name=name, storage=storage_lib.open_storage(url))
+    try:
+        recorded = optuna.load_study(study_name=name, storage=storage_lib.open_storage(url, heartbeat=False))
     except KeyError:
         raise ConfirmError(f"no study {name!r} in {storage_lib.redact(storage_lib.resolve_url(url))} (python "
                            f"search.py --study {parent.name} --confirm K --seeds N creates it)") from None
@@ -233,7 +232,7 @@ def open_confirmation(study_arg: str, url: str | None, args: argparse.Namespace,
     spec = spec_from_dict(recorded.user_attrs["spec"])
     if getattr(args, "data_dir", None) is not None:  # the same data (checked by content) at this node's path
         spec, _ = spec.with_overrides(data_dir=args.data_dir)
-    return spec, open_study(spec, url, {}, seed=seed, loaded=recorded)
+    return spec, open_study(spec, url, {}, seed=seed)
 
 
 # ------------------------------------------------------------ what the worker needs

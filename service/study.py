@@ -100,24 +100,16 @@ def load_study_spec(name: str, args: argparse.Namespace) -> tuple[StudySpec, dic
 
 
 def open_study(spec: StudySpec, url: str | None, overrides: dict[str, Any], seed: int | None = None,
-               role: str = "worker", loaded: optuna.Study | None = None) -> optuna.Study:
+               role: str = "worker") -> optuna.Study:
     """Create or load the study in storage; record the spec and this run's overrides on it.
 
     An existing study must have been created with the same values in everything that changes results
     (studies.spec_differences: space, metric, direction, [train], sampler, pruner), else StudyMismatch
     names the differing fields and nothing is written. The budget may change: a new one is recorded.
-    loaded: the study spec.name, already loaded from the storage at `url` by the caller (e.g. to read
-    its spec first); it is checked and returned with the spec's sampler and pruner, not loaded again.
     """
-    if loaded is None:
-        rdb = storage_lib.open_storage(url)
-        study = optuna.create_study(study_name=spec.name, storage=rdb, direction=spec.direction,
-                                    sampler=spec.make_sampler(seed), pruner=spec.make_pruner(), load_if_exists=True)
-    else:  # what create_study(load_if_exists=True) makes of an existing study: its handle with these two
-        if loaded.study_name != spec.name:
-            raise ValueError(f"open_study: loaded study {loaded.study_name!r} is not {spec.name!r}")
-        study = loaded
-        study.sampler, study.pruner = spec.make_sampler(seed), spec.make_pruner()
+    rdb = storage_lib.open_storage(url)
+    study = optuna.create_study(study_name=spec.name, storage=rdb, direction=spec.direction,
+                                sampler=spec.make_sampler(seed), pruner=spec.make_pruner(), load_if_exists=True)
     attrs = study.user_attrs
     if "spec" not in attrs:
         study.set_user_attr("spec", spec.to_dict())
