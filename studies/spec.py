@@ -204,9 +204,10 @@ class StudySpec:
                                        model=model, data_dir=data_dir).items() if v is not None}
         raw = {k: v for k, v in self.to_dict().items() if k not in ("name", "path")}
         for key, value in given.items():
-            if key != "n_trials" and any(key in p.controls() for p in self.space.values()):
+            section, _, field_name = OVERRIDES[key].rpartition(".")  # "" (top level) or "train"
+            if section and any(key in p.controls() for p in self.space.values()):
                 raise StudySpecError(f"{_display(self.path)}: {key}: searched in [space], cannot override it")
-            (raw if key == "n_trials" else raw["train"])[key] = value
+            (raw[section] if section else raw)[field_name] = value
         return _Loader(self.path).parse(raw, self.name), given
 
     def to_dict(self) -> dict[str, Any]:
