@@ -94,7 +94,8 @@ class TrainConfig:
     log_every: int = _opt(50, "steps between loss/NaN checks on CUDA (each one syncs the GPU)")
     step: str = _opt("auto", "how a training step runs: 'eager' (one kernel launch at a time), 'static' "
                              "(bucketed widths, batches staged on the device, no host sync), 'graphs' (static + "
-                             "CUDA graphs; CUDA only), 'auto' (graphs on CUDA, eager on CPU); mtbert.static_step")
+                             "CUDA graphs; CUDA only), 'auto' (eager: the step that has run on a GPU; static and "
+                             "graphs are opt-in, docs/gpu-steps.md); a speed setting, mtbert.static_step")
 
     def replace(self, **changes: Any) -> "TrainConfig":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

@@ -23,7 +23,14 @@ batch 16 *and* 32. This module removes the host from the step:
   later one is one `graph.replay()`. All graphs share one memory pool: they never run at the same
   time, and nothing a graph leaves for later lives in the pool (parameters, gradients, optimizer
   state, statistics and the lr table are allocated outside it). Steps with a short batch run the
-  same body eagerly. If a capture fails, the run goes on without graphs and says so.
+  same body eagerly. Capture, warm-up and replays run on the step's own device (a device guard and
+  a capture stream of that device), never on the process's current device.
+- **Graphs check themselves.** After the first replay of each width, one host read checks that the
+  step counter advanced by exactly one and that the step's loss is finite. A capture that fails (or
+  that torch says recorded an empty graph) or a replay that did not train sets `fallback`: the
+  training loop (mtbert.train) runs the eager step from the next step on, and a process-wide
+  decision (`graphs_unavailable`) makes later runs of this process start with the eager step. A
+  replay that trained nothing is run again without graphs first, so no step is lost.
 
 Between epochs (`end_epoch`) the optimizer and scheduler are put back exactly as the eager step
 leaves them (float learning rates, scheduler at the step count), so checkpoints are the same.
@@ -34,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import warnings
 
 import numpy as np
@@ -104,10 +112,32 @@ def unsupported(cfg: TrainConfig) -> str | None:
     return None
 
 
+# What `--step auto` runs on CUDA. Only the eager step has run on a GPU (an H200, docs/gpu-steps.md);
+# static and graphs are opt-in until a GPU run of scripts/gpu_verify.sh passes and its verdict is
+# committed under docs/gpu/: switching this line to "graphs" then cites that verdict.
+AUTO_ON_CUDA = "eager"
+
+# The process-wide decision that CUDA graphs do not work here (a failed capture, an empty graph, a
+# replay that did not train): the reason, or None. Later runs in this process do not try again.
+_graphs_off: str | None = None
+
+
+def graphs_unavailable() -> str | None:
+    """Why CUDA graphs are off for the rest of this process (None: they are not)."""
+    return _graphs_off
+
+
+def turn_graphs_off(reason: str) -> None:
+    """Record, for the rest of this process, that CUDA graphs failed (the first reason is kept)."""
+    global _graphs_off
+    if _graphs_off is None:
+        _graphs_off = reason
+
+
 def resolve_step(cfg: TrainConfig, device: torch.device) -> tuple[str, str | None]:
     """The step that runs ('eager', 'static' or 'graphs') and, when it differs from cfg.step's
-    meaning, a note saying why. 'auto': graphs on CUDA, eager on CPU."""
-    wanted = cfg.step if cfg.step != "auto" else ("graphs" if device.type == "cuda" else "eager")
+    meaning, a note saying why. 'auto': AUTO_ON_CUDA (eager) on CUDA, eager elsewhere."""
+    wanted = cfg.step if cfg.step != "auto" else (AUTO_ON_CUDA if device.type == "cuda" else "eager")
     if wanted == "eager":
         return "eager", None
     reason = unsupported(cfg)
@@ -115,7 +145,18 @@ def resolve_step(cfg: TrainConfig, device: torch.device) -> tuple[str, str | Non
         return "eager", f"the {wanted} step covers the default method set only, not {reason}: eager step"
     if wanted == "graphs" and device.type != "cuda":
         return "static", "CUDA graphs need a CUDA device: static step without graphs"
+    if wanted == "graphs" and graphs_unavailable() is not None:
+        return "eager", f"CUDA graphs failed earlier in this process ({graphs_unavailable()}): eager step"
     return wanted, None
+
+
+def device_guard(device: torch.device):
+    """A context in which `device` is CUDA's current device (nothing on a CPU or MPS): streams,
+    captures, generators and synchronisations without a device then mean this one, and no CUDA
+    context is opened on any other GPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def compile_encoder(encoder: nn.Module, kind: str, device: torch.device) -> str | None:
@@ -219,7 +260,9 @@ class StaticStep:
         self.device = data[TASKS[0]].columns[0].ids.device
         self.batch_size, self.amp, self.max_grad_norm = cfg.batch_size, amp, cfg.max_grad_norm
         self.stats, self.cfg = stats, cfg
-        self.graphs_on = graphs and self.device.type == "cuda"
+        self.graphs_on = graphs and self.device.type == "cuda" and graphs_unavailable() is None
+        # set when graphs failed in this run: the caller runs the eager step from the next step on
+        self.fallback: str | None = None
         self.mark_steps = compiled == "reduce-overhead"  # compile's CUDA graphs need to know where a step starts
         max_positions = getattr(getattr(model.encoder, "config", None), "max_position_embeddings", None)
         self.widths = bucket_widths(cfg.max_length, max_positions)
@@ -235,6 +278,10 @@ class StaticStep:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.warm: set[int] = set()
         self.pool = None
+        self.capture_stream = None  # one stream of self.device for every capture (they share the pool)
+        self.graph_losses: dict[int, torch.Tensor] = {}  # a captured step's loss, until its first replay is checked
+        self.loss: torch.Tensor | None = None  # the last _body's loss (during a capture: the graph's output)
+        self.done = 0  # optimizer steps done, counted on the host: what the device counter k must read
         self.graph_error: str | None = None
         self.staged: torch.Tensor | None = None
         self.counts = np.zeros((0, len(TASKS)), np.int64)
@@ -250,6 +297,7 @@ class StaticStep:
             host = host.pin_memory()
         self.staged = host.to(self.device, non_blocking=True)
         self.k.fill_(step)
+        self.done = step
         self.saved_flags = []
         for group, lr in zip(self.optimizer.param_groups, self.lrs):
             self.saved_flags.append({k: group[k] for k in ("lr", "fused", "capturable", "foreach")})
@@ -288,6 +336,7 @@ class StaticStep:
             self._graphed(width)
         else:
             self._body(width, tuple(int(n) for n in counts))
+        self.done += 1
 
     def _inputs(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask of the step's 5 x batch_size sentences, padded to `width`."""
@@ -324,6 +373,7 @@ class StaticStep:
         self.optimizer.step()
         self.k.add_(1)
         self.stats.add(loss, self.k)
+        self.loss = loss.detach()
 
     # ---------------------------------------------------------- CUDA graphs
 
@@ -338,11 +388,45 @@ class StaticStep:
                     self._body(width, full)
                 return
             graph = self._capture(width)
-            if graph is None:  # the capture failed: this and every later step run without graphs
+            if graph is None:  # the capture failed: this step without graphs, later ones eagerly (fallback)
                 self._body(width, full)
                 return
             self.graphs[width] = graph
         graph.replay()  # right after a capture too: capturing only recorded the step
+        if width in self.graph_losses:
+            self._check_first_replay(width)
+
+    def _check_first_replay(self, width: int) -> None:
+        """After the first replay of a width: did it train? One host read (SYNC), once per width.
+
+        The device step counter must have advanced by exactly one and the step's loss be finite. A
+        replay that advanced nothing trained nothing (an empty graph): the step is run again without
+        graphs. Any failure turns graphs off (fallback, and for the process); a counter that moved by
+        more than one means the run's state is unknown, and the run stops with that error.
+        """
+        k, loss = torch.stack((self.k.float(), self.graph_losses.pop(width).float())).tolist()
+        advanced = round(k) - self.done
+        if advanced == 1 and math.isfinite(loss):
+            return
+        self._graphs_failed(width, f"the first replay of the width-{width} graph advanced the step counter by "
+                                   f"{advanced} (not 1) with loss {loss:g}")
+        if advanced == 0:  # it trained nothing: the step once more, without graphs
+            self._body(width, (self.batch_size,) * len(TASKS))
+        elif advanced != 1:
+            raise RuntimeError(f"CUDA graph replay at width {width} ran {advanced} steps instead of one; "
+                               "the run's state is unknown (later runs in this process use the eager step)")
+        # advanced == 1 with a non-finite loss: the step ran; the loop's NaN check reports it
+
+    def _graphs_failed(self, width: int, reason: str) -> None:
+        """Graphs off for this run (the caller switches to the eager step) and for the process, logged."""
+        self.graphs_on = False
+        self.graph_error = self.fallback = reason
+        turn_graphs_off(reason)
+        logger.warning("CUDA graphs at width %d: %s; this run goes on with the eager step, and later runs in "
+                       "this process start with it", width, reason)
+
+    def _on_device(self):
+        return device_guard(self.device)
 
     @contextlib.contextmanager
     def _side_stream(self):
@@ -351,32 +435,59 @@ class StaticStep:
         if self.device.type != "cuda":
             yield
             return
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            yield
-        current.wait_stream(side)
+        with self._on_device():
+            current = torch.cuda.current_stream(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                yield
+            current.wait_stream(side)
 
     def _capture(self, width: int):
-        """Record one full step at `width` into a CUDA graph sharing the pool of the others; None
-        (graphs off for the rest of the run, with a warning) if something in the step cannot be captured."""
+        """Record one full step at `width` into a CUDA graph sharing the pool of the others; None if
+        something in the step cannot be captured (fallback set, graphs off for the process).
+
+        Not torch.cuda.graph: on a failed capture its __exit__ raises from capture_end before it
+        restores the stream, which then stays current, and its error ("previous error during capture")
+        hides the cause. Here the stream context always exits, and the first error is the one logged.
+        Everything runs on self.device: its guard, a capture stream made on it.
+        """
         graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                self._body(width, (self.batch_size,) * len(TASKS))
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as exc:
-            self.graphs_on = False
-            self.graph_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            logger.warning("CUDA graph capture failed at width %d (%s); the run goes on with the static step "
-                           "without graphs", width, self.graph_error)
-            with contextlib.suppress(RuntimeError):
-                torch.cuda.synchronize(self.device)
-            return None
+        with self._on_device():
+            if self.capture_stream is None:
+                self.capture_stream = torch.cuda.Stream(self.device)
+            current = torch.cuda.current_stream(self.device)
+            torch.cuda.synchronize(self.device)
+            self.capture_stream.wait_stream(current)
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    with torch.cuda.stream(self.capture_stream):
+                        graph.capture_begin(pool=self.pool)
+                        try:
+                            self._body(width, (self.batch_size,) * len(TASKS))
+                        except BaseException:
+                            with contextlib.suppress(Exception):  # end the capture; the body's error is the cause
+                                graph.capture_end()
+                            raise
+                        graph.capture_end()
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as exc:
+                with contextlib.suppress(RuntimeError):
+                    torch.cuda.synchronize(self.device)
+                self._graphs_failed(width, f"capture failed: {first_cause(exc)}")
+                return None
+            finally:
+                current.wait_stream(self.capture_stream)
+            for w in caught:
+                if "graph is empty" in str(w.message).lower():
+                    self._graphs_failed(width, f"capture recorded an empty graph ({w.message})")
+                    return None
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if self.pool is None:
             self.pool = graph.pool()
+        self.graph_losses[width] = self.loss  # the graph's output: read once after its first replay
         return graph
 
     def describe(self) -> str:
@@ -385,3 +496,19 @@ class StaticStep:
         if self.graphs_on:
             return f"{shapes} with CUDA graphs"
         return f"{shapes} (graphs off: {self.graph_error})" if self.graph_error else shapes
+
+    def ran(self) -> str:
+        """The step running now: 'graphs', or 'static' (never asked for graphs, or they failed:
+        graph_error says why; the train loop then switches to the eager step, see `fallback`)."""
+        return "graphs" if self.graphs_on else "static"
+
+
+def first_cause(exc: BaseException) -> str:
+    """'Type: first line' of the innermost exception in exc's chain: the real cause, not a later
+    "previous error during capture"."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        exc = inner
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"

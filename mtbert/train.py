@@ -7,7 +7,10 @@ lr decay; mtbert.methods) change what a step trains on and how its loss and grad
 After every epoch: evaluate on dev, checkpoint, then call the caller's callback (which may stop
 training, e.g. to prune). The loop never syncs with the GPU except every `log_every` steps.
 `--step` picks how a step runs: eager (train_step below), or static shapes with or without CUDA
-graphs (mtbert.static_step); 'auto' is graphs on CUDA, eager on CPU.
+graphs (mtbert.static_step); 'auto' is the eager step everywhere (the one that has run on a GPU;
+static and graphs are opt-in, docs/gpu-steps.md). If CUDA graphs fail (capture, or a replay that did
+not train), the run goes on with the eager step from the next step. A CUDA run holds its device as
+CUDA's current device throughout (mtbert.static_step.device_guard).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from .inputs import batch_pieces, embed_pieces, input_mode
 from .methods import (DEFAULTS, cosine_factor, head_output, layer_depth, layer_lr_scale, pcgrad_backward,
                       smart_regularizer, task_loss, task_plan, weigh_losses)
 from .model import MultitaskBert, load_pretrained
-from .static_step import StaticStep, StepStats, compile_encoder, resolve_step
+from .static_step import StaticStep, StepStats, compile_encoder, device_guard, resolve_step
 from .tasks import TASK_TABLE, TASKS
 
 logger = logging.getLogger(__name__)
@@ -67,6 +70,7 @@ class EpochResult:
     step: int  # optimizer steps so far
     resumed: bool = False  # True: replayed from a checkpoint, not trained in this call
     peak_memory_bytes: int | None = None  # CUDA: peak memory allocated by this process so far in the run
+    step_kind: str = ""  # the training step that ran this epoch: eager, static, graphs, 'graphs, then eager'
     # dev predictions behind `metrics` (task -> array in dev order); None for replayed epochs
     predictions: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
@@ -242,6 +246,13 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
     """
     cfg.validate()
     device = resolve_device(cfg.device)
+    with device_guard(device):  # a worker on cuda:3 touches only cuda:3: model, streams, captures, syncs
+        return _train(cfg, device, prepared, out_dir, callback, resume, progress, run_id)
+
+
+def _train(cfg: TrainConfig, device: torch.device, prepared: Prepared | None, out_dir: str | Path | None,
+           callback: EpochCallback | None, resume: bool, progress: bool, run_id: str | None) -> list[EpochResult]:
+    """train() on its resolved device, inside that device's guard."""
     if prepared is None or not prepared.matches(cfg):
         prepared = prepare(cfg)
     seed_everything(cfg.seed)
@@ -310,9 +321,13 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
             stepper.begin_epoch(plan, streams, step)  # the epoch's batches go to the device in one copy
         bar = tqdm(plan, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=not progress,
                    leave=False, dynamic_ncols=True)
+        ran = kind if stepper is None else stepper.ran()
         for i, tasks in enumerate(bar):
             if stepper is not None:
                 stepper.step(i)  # queues the step (one graph replay with CUDA graphs); never waits
+                if stepper.fallback is not None:  # CUDA graphs failed (logged): the eager step from the next step on
+                    stepper.end_epoch(step + 1)
+                    stepper, kind, ran = None, "eager", f"{ran}, then eager"
             else:
                 batches = [streams[t].batch(s) for t, s in tasks]
                 loss = train_step(model, optimizer, scheduler, streams, batches, amp, cfg.max_grad_norm, mode, cfg)
@@ -331,7 +346,7 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, out_dir: str | Pat
                                         widths=stepper.widths if stepper is not None else None)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         result = EpochResult(epoch + 1, metrics, train_loss, time.perf_counter() - t0, step,
-                             peak_memory_bytes=peak, predictions=predictions)
+                             peak_memory_bytes=peak, step_kind=ran, predictions=predictions)
         history.append({k: v for k, v in result.to_dict().items() if k != "resumed"})
         results.append(result)
         scores = " ".join(f"{t} {metrics[TASK_TABLE[t].metric]:.3f}" for t in TASKS)

@@ -144,26 +144,98 @@ def test_graph_bookkeeping_warms_up_captures_and_replays_each_width_once(still_m
     assert 0 < len(full_steps) < len(eager)  # short steps (7 STS rows, 8 Quora rows) never went to a graph
 
 
-def test_a_failed_capture_turns_graphs_off_and_training_goes_on(still_model, uneven_data, monkeypatch):
-    def refuse(*args, **kwargs):
-        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+@pytest.fixture(autouse=True)
+def graphs_not_off(monkeypatch):
+    """Each test starts in a process where CUDA graphs have not failed (the decision is process-wide)."""
+    import mtbert.static_step as static_step
 
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
-    monkeypatch.setattr(torch.cuda, "graph", refuse)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    states = []
+    monkeypatch.setattr(static_step, "_graphs_off", None, raising=False)  # raising=False: also on the old code
 
-    def graphs_on(stepper):
-        stepper.graphs_on = True
-        states.append(stepper)
+
+def fake_cuda_losses(cfg: TrainConfig, monkeypatch, mode: str, epochs: int = 2):
+    """per-step losses of the graphs path on a faked cuda:3 (tests/fake_cuda.py), and the fake."""
+    from fake_cuda import FakeCuda
+
+    fakes = []
+
+    def setup(stepper):
+        fakes.append(FakeCuda(monkeypatch, stepper, target=3, mode=mode))
+
+    losses, *_ = per_step_losses(cfg, "static", epochs=epochs, setup=setup)
+    return losses, fakes[0]
+
+
+def test_graphs_are_captured_and_replayed_on_the_trial_s_device(still_model, uneven_data, monkeypatch):
+    """A worker on cuda:3 with the process's current device 0: every stream, capture and sync must be
+    cuda:3's. (torch.cuda.graph's own capture stream is made on the current device: an empty graph.)"""
+    cfg = cfg_for(still_model, uneven_data)
+    eager = per_step_losses(cfg, "eager", epochs=2)[0]
+    losses, cuda = fake_cuda_losses(cfg, monkeypatch, "device")
+    assert cuda.captures and set(cuda.captures) == {(3, 3)}  # current device and capture stream: cuda:3
+    assert set(cuda.streams) == {3} and set(cuda.synced) <= {3}
+    assert cuda.stack == [] and cuda.current == 0  # every stream and device context exited
+    np.testing.assert_allclose(losses, eager, rtol=2e-4, atol=1e-5)  # the replays trained
+    assert cuda.stepper.graphs_on and cuda.stepper.fallback is None
+
+
+def test_a_replay_that_trains_nothing_is_caught_and_the_run_goes_on_eagerly(still_model, uneven_data, monkeypatch):
+    """An empty (or partial) graph whose replays do nothing, with no warning: the first replay's check
+    sees the step counter stand still, runs the step again without graphs, and turns graphs off."""
+    import mtbert.static_step as static_step
+
+    cfg = cfg_for(still_model, uneven_data)
+    eager = per_step_losses(cfg, "eager", epochs=2)[0]
+    losses, cuda = fake_cuda_losses(cfg, monkeypatch, "empty")
+    np.testing.assert_allclose(losses, eager, rtol=2e-4, atol=1e-5)  # no step lost, none counted twice
+    stepper = cuda.stepper
+    assert "advanced the step counter by 0" in stepper.fallback and not stepper.graphs_on
+    assert len(stepper.graphs) == 1  # one width tried, then no more captures
+    assert static_step.graphs_unavailable() == stepper.fallback
+    kind, note = resolve_step(TrainConfig(step="graphs"), torch.device("cuda", 3))  # later trials: no retry
+    assert kind == "eager" and "failed earlier in this process" in note
+
+
+def test_a_failed_capture_restores_the_stream_and_logs_its_cause(still_model, uneven_data, monkeypatch, caplog):
+    """The captured body raises, then capture_end raises 'previous error during capture' (as torch does):
+    the capture stream must not stay current, the log must name the first error, and graphs stay off."""
+    import logging
+
+    import mtbert.static_step as static_step
 
     cfg = cfg_for(still_model, uneven_data)
     eager = per_step_losses(cfg, "eager", epochs=1)[0]
-    losses, *_ = per_step_losses(cfg, "static", epochs=1, setup=graphs_on)
+    with caplog.at_level(logging.WARNING, logger="mtbert"):
+        losses, cuda = fake_cuda_losses(cfg, monkeypatch, "fail", epochs=1)
+    assert cuda.stack == [] and cuda.current == 0
     np.testing.assert_allclose(losses, eager, rtol=2e-4, atol=1e-5)
-    stepper = states[0]
+    stepper = cuda.stepper
     assert not stepper.graphs_on and "operation not permitted" in stepper.graph_error
-    assert "graphs off: RuntimeError" in stepper.describe()
+    assert "previous error" not in stepper.graph_error and stepper.fallback == stepper.graph_error
+    assert "operation not permitted" in caplog.text and "graphs off: capture failed: RuntimeError" in stepper.describe()
+    assert static_step.graphs_unavailable() is not None and len(cuda.captures) == 1  # tried once per process
+
+
+def test_train_switches_to_the_eager_step_when_graphs_do_not_train(still_model, uneven_data, monkeypatch):
+    """train() with graphs whose replays do nothing: the run must end where the eager step's does and say
+    which step ran, never report the score of steps that did not train."""
+    from fake_cuda import FakeCuda
+
+    import mtbert.train as train_module
+
+    class FakeGraphStep(StaticStep):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            FakeCuda(monkeypatch, self, target=3, mode="empty")
+
+    cfg = cfg_for(still_model, uneven_data, epochs=2)
+    eager = train(cfg, progress=False)
+    monkeypatch.setattr(train_module, "StaticStep", FakeGraphStep)
+    faked = train(cfg.replace(step="static"), progress=False)
+    assert [r.step_kind for r in eager] == ["eager", "eager"]
+    assert [r.step_kind for r in faked] == ["graphs, then eager", "eager"]
+    for a, b in zip(eager, faked):
+        assert b.train_loss == pytest.approx(a.train_loss, rel=1e-3)
+        assert b.metrics["overall"] == pytest.approx(a.metrics["overall"], abs=2e-3)
 
 
 def first_epoch_stepper(cfg: TrainConfig) -> StaticStep:
@@ -257,8 +329,13 @@ def test_auto_is_eager_on_cpu_and_other_methods_fall_back_to_eager(monkeypatch):
     assert resolve_step(TrainConfig(step="static"), cpu) == ("static", None)
     kind, note = resolve_step(TrainConfig(step="graphs"), cpu)
     assert kind == "static" and "CUDA" in note
-    assert resolve_step(TrainConfig(), torch.device("cuda"))[0] == "graphs"
-    kind, note = resolve_step(TrainConfig(multitask=False), torch.device("cuda"))
+    # auto is the eager step on CUDA too, on every device and lr_dropout batch size: the step that has run on a GPU
+    for device in ("cuda", "cuda:0", "cuda:3"):
+        for b in LR_DROPOUT_BATCH_SIZES:
+            assert resolve_step(TrainConfig(batch_size=b), torch.device(device)) == ("eager", None)
+    assert resolve_step(TrainConfig(step="graphs"), torch.device("cuda:3")) == ("graphs", None)  # opt-in
+    assert resolve_step(TrainConfig(step="static"), torch.device("cuda:3")) == ("static", None)
+    kind, note = resolve_step(TrainConfig(multitask=False, step="graphs"), torch.device("cuda"))
     assert kind == "eager" and "--no-multitask" in note
     assert unsupported(TrainConfig(packing=True)) == "--packing"
     # a field the static step does not know (a multitask method, say), away from its default: eager
@@ -275,7 +352,7 @@ def test_auto_is_eager_on_cpu_and_other_methods_fall_back_to_eager(monkeypatch):
     cuda = torch.device("cuda")
     for cfg in (TrainConfig(pcgrad=True), TrainConfig(task_sampling="proportional"), TrainConfig(quora_encoding="cross"),
                 TrainConfig(smart_weight=1.0), TrainConfig(sts_loss="cosent"), TrainConfig(layer_decay=0.9)):
-        kind, note = resolve_step(cfg, cuda)
+        kind, note = resolve_step(cfg.replace(step="graphs"), cuda)  # opted in: still eager, with the reason
         assert kind == "eager" and "default method set only" in note, cfg
     assert not (set(STEP_FIELDS) & static_step.COVERED_FIELDS) and report_step(TrainConfig())
 
