@@ -37,8 +37,8 @@ from service import confirm
 from service.launch import start_workers, stop_workers, worker_devices
 from service.progress import follow, print_summary, write_trials_csv
 from service.slurm import add_slurm_arguments, check_arguments, run_array
-from service.study import (FINISHED, OVERRIDE_FLAGS, SEED, StudyIdentityError, add_override_arguments, bounded,
-                           load_study_spec, open_study, storage_url, study_key, trial_counts)
+from service.study import (FINISHED, OVERRIDE_FLAGS, SEED, StudyIdentityError, add_override_arguments,
+                           add_speed_arguments, bounded, load_study_spec, open_study, storage_url, study_key, trial_counts)
 from studies import StudySpec, StudySpecError
 
 logger = logging.getLogger("search")
@@ -257,6 +257,7 @@ def run(argv: list[str] | None = None) -> int:
                              "and logged; see service/launch.py default_workers_per_gpu)")
     parser.add_argument("--seed", type=SEED, default=None,
                         help="sampler seed: worker i gets SEED + i (default: the study file's, else random)")
+    add_speed_arguments(parser)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--status", action="store_true", help="print progress and leaderboard; run nothing")
     mode.add_argument("--dashboard", action="store_true", help="start optuna-dashboard on the study's storage")

@@ -39,8 +39,9 @@ import storage as storage_lib
 from mtbert.tasks import SCORES
 from mtbert.config import device_problem
 from service import confirm
-from service.study import (FINISHED, SEED, StudyIdentityError, add_override_arguments, bounded, load_study_spec,
-                           open_study, run_id, storage_url, study_uuid, trial_counts, trial_dir, trial_root)
+from service.study import (FINISHED, SEED, StudyIdentityError, add_override_arguments, add_speed_arguments, bounded,
+                           load_study_spec, open_study, run_id, storage_url, study_uuid, trial_counts, trial_dir,
+                           trial_root)
 from storage import optuna_compat
 from studies import StudySpec, StudySpecError
 
@@ -69,8 +70,9 @@ class Worker:
 
     def __init__(self, study: optuna.Study, spec: StudySpec, device: str | None = None, progress: bool = True,
                  max_failures: int = 3, poll_seconds: float = 5.0, checkpoint_root: Path | None = None,
-                 artifact_store=None):
+                 artifact_store=None, step: str | None = None):
         self.study, self.spec, self.device = study, spec, device
+        self.step = step  # --step: a speed setting over the study's [train] step (None: the study's)
         self.artifact_store = artifact_store  # default: storage.artifact_store(), opened at the first record
         self.progress, self.max_failures, self.poll_seconds = progress, max_failures, poll_seconds
         # trial folders are <root>/<study uuid>/trial-<n> (service.study.trial_dir); nothing outside is deleted
@@ -212,7 +214,8 @@ class Worker:
             values = self.confirmation.trial_values(trial, self.spec)
         else:
             values = self.spec.suggest(trial)
-        cfg = TrainConfig().replace(**{**values, **({"device": self.device} if self.device else {})})
+        speed = {k: v for k, v in (("device", self.device), ("step", self.step)) if v}
+        cfg = TrainConfig().replace(**{**values, **speed})
         self.prepare(cfg)  # a no-op unless the space searches the model or the data
         history = optuna_compat.retry_history(self.study, trial)
         root = history[0] if history else trial.number
@@ -242,6 +245,8 @@ class Worker:
             if result.peak_memory_bytes is not None:  # CUDA: peak memory of this trial so far
                 trial.set_user_attr("peak_memory_bytes", result.peak_memory_bytes)
             trial.set_user_attr("epoch_seconds", epoch_seconds)
+            if not result.resumed and result.step_kind:  # which training step made this score (mtbert.static_step)
+                trial.set_user_attr("step", result.step_kind)
             per_epoch.append({"epoch": result.epoch, **scores, "seconds": round(result.seconds, 2)})
             trial.set_user_attr("history", per_epoch)
             with warnings.catch_warnings():  # a resumed epoch may have been reported before the crash
@@ -324,6 +329,16 @@ class Worker:
         signal.signal(signal.SIGTERM, handler)
 
 
+def pin_device(name: str) -> None:
+    """Make a CUDA worker's GPU the process's current device before anything touches CUDA: a worker on
+    cuda:3 then opens no context on cuda:0 (emptying caches, device queries), which the packing
+    estimate does not count. Training holds its device itself too (mtbert.static_step.device_guard)."""
+    if name.startswith("cuda:"):
+        import torch
+
+        torch.cuda.set_device(torch.device(name))
+
+
 def free_accelerator_memory() -> None:
     gc.collect()
     try:
@@ -350,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="wait between checks when all remaining trials run elsewhere (default: 5)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no per-epoch progress bars")
     add_override_arguments(parser)
+    add_speed_arguments(parser)
     args = parser.parse_args(argv)
     url = storage_url(args, logger)
     if url is None:
@@ -366,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             logger.error("%s", problem)
             return 2
+        pin_device(device or spec.train.get("device", "auto"))
         if study is None:
             study = open_study(spec, url, overrides, seed=args.seed)
     except (StudySpecError, StudyIdentityError, confirm.ConfirmError, storage_lib.StorageUnavailable) as exc:
@@ -373,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         worker = Worker(study, spec, device=device, progress=args.progress, max_failures=args.max_failures,
-                        poll_seconds=args.poll_seconds)
+                        poll_seconds=args.poll_seconds, step=args.step)
     except storage_lib.StorageConfigError as exc:  # e.g. MTBERT_CHECKPOINT_DIR cannot be created
         logger.error("%s", exc)
         return 2

@@ -75,10 +75,12 @@ class Measurement:
     encoder_tokens: dict[str, int] = field(default_factory=dict)
     host_syncs: int | None = None  # CUDA: syncs in the timed steps (set_sync_debug_mode("warn"))
     peak_memory_bytes: int | None = None
+    ran: str | None = None  # the step that actually ran the timed steps (graphs may turn off during a run)
 
     def row(self, peak: float | None) -> dict:
         tflops = self.flops / self.seconds / 1e12
         return {"name": self.name, "batch_size": self.batch_size, "steps": self.steps,
+                **({"ran": self.ran} if self.ran is not None else {}),
                 "sentences_per_s": round(self.sentences / self.seconds, 1),
                 "tokens_per_s": round(self.tokens / self.seconds, 1),
                 "model_tflops": round(tflops, 2), "mfu": round(tflops / peak, 4) if peak else None,
@@ -216,10 +218,14 @@ def run_project(model, data, cfg: TrainConfig, device, steps: int, warmup: int, 
             slots["static"] += sum(len(p.host_lengths) for p in pieces) * widths[i]
     if widths is None:
         del slots["static"]
-    if step.static is not None and step.static.graph_error:
-        logger.warning("%s: graphs were turned off: %s", variant, step.static.graph_error)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return Measurement(variant, cfg.batch_size, steps, seconds, sentences, tokens, 0.0, slots, syncs, peak)
+    ran = step.kind
+    if step.static is not None:
+        ran = step.static.ran()
+        if step.static.graph_error:  # the row is labelled by what ran, not by what was asked for
+            logger.warning("%s: graphs were turned off: %s", variant, step.static.graph_error)
+            ran = f"static (graphs off: {step.static.graph_error})"
+    return Measurement(variant, cfg.batch_size, steps, seconds, sentences, tokens, 0.0, slots, syncs, peak, ran)
 
 
 def wait_at_barrier(folder: Path, processes: int, timeout: float = 600.0) -> None:

@@ -18,7 +18,7 @@ from typing import IO
 
 import storage as storage_lib
 from service.progress import last_error_line
-from service.study import override_argv
+from service.study import override_argv, speed_argv
 
 logger = logging.getLogger("search")
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,6 +139,20 @@ def worker_devices(workers: int | None, per_gpu: int | None, model: str | None =
     return [f"cuda:{i % gpus}" for i in range(n)]
 
 
+def node_cores() -> int:
+    """CPU cores this process may use (its affinity mask, else the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def threads_per_worker(devices: list[str]) -> int | None:
+    """OMP_NUM_THREADS for each of the workers on `devices`: the node's cores shared out, GPU workers
+    (whose host side tokenises, collates and launches kernels) as CPU workers; None for one CPU
+    worker, which may use them all."""
+    if len(devices) == 1 and devices[0] == "cpu":
+        return None
+    return max(1, node_cores() // len(devices))
+
+
 @dataclass
 class LocalWorker:
     """One worker.py process started here, and where its output goes."""
@@ -177,15 +191,17 @@ def start_workers(study: str, url: str, devices: list[str], args: argparse.Names
     env.update(storage_lib.worker_environment(url, getattr(args, "storage_file", None)), TOKENIZERS_PARALLELISM="false")
     if env.get("MTBERT_DATA_DIR"):  # workers run in the repository: a relative folder means the caller's
         env["MTBERT_DATA_DIR"] = os.path.abspath(env["MTBERT_DATA_DIR"])
-    if all(d == "cpu" for d in devices) and len(devices) > 1:  # share the cores instead of oversubscribing
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(devices)))
+    threads = threads_per_worker(devices)
+    if threads is not None:  # share the cores instead of oversubscribing (8 GPU workers x 16 threads on 16 cores)
+        env["OMP_NUM_THREADS"] = str(threads)
+    speed = speed_argv(args)
     workers = []
     for i, device in enumerate(devices):
         path = log_dir / f"worker-{i}.log"
         log = open(path, "a")
         seed = [] if args.seed is None else ["--seed", str(args.seed + i)]
         cmd = [sys.executable, str(ROOT / "worker.py"), "--study", study, "--device", device, "--no-progress",
-               *seed, *passthrough]
+               *seed, *speed, *passthrough]
         start = log.tell()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         workers.append(LocalWorker(i, device, proc, log, path, start))

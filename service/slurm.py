@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 
 import storage as storage_lib
 from service.progress import follow, last_error_line
-from service.study import FINISHED, override_argv, study_key, trial_counts
+from service.study import FINISHED, override_argv, speed_argv, study_key, trial_counts
 from studies import StudySpec
 
 logger = logging.getLogger("search")
@@ -277,7 +277,7 @@ def sbatch_command(study: str, spec: StudySpec, args: argparse.Namespace, log_di
             *([f"--partition={args.partition}"] if args.partition else []),
             *([f"--time={args.time}"] if args.time else []),
             *([f"--gres={gres}"] if gres else []),
-            *args.sbatch_arg, str(SCRIPT), "--study", study, *passthrough]
+            *args.sbatch_arg, str(SCRIPT), "--study", study, *speed_argv(args), *passthrough]
 
 
 def resolve_gres(args: argparse.Namespace) -> str | None:

@@ -89,6 +89,32 @@ def add_override_arguments(parser: argparse.ArgumentParser) -> None:
                             "$MTBERT_DATA_DIR, else ./data)")
 
 
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """Speed settings shared by worker.py and search.py: how a trial runs, not what it computes, so
+    they may differ between the workers of one study (studies.spec.RUNTIME_FIELDS) and are not
+    recorded on the study; each trial records the step that ran (user attr `step`)."""
+    from mtbert.config import STEPS
+
+    group = parser.add_argument_group("speed settings (any value joins an existing study)")
+    group.add_argument("--step", choices=STEPS, default=None,
+                       help="how each trial's training step runs: 'eager' (the step that has run on a GPU), "
+                            "'static' or 'graphs' (opt-in, not yet run on a GPU: docs/gpu-steps.md), 'auto' "
+                            "(eager) (default: the study file's [train] step, else auto)")
+
+
+SPEED_FLAGS: tuple[str, ...] = ("step",)  # argparse dests of add_speed_arguments
+
+
+def speed_argv(args: argparse.Namespace) -> list[str]:
+    """The speed settings this command was given, as worker.py flags (`--step eager`)."""
+    argv: list[str] = []
+    for name in SPEED_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            argv += [override_flag(name), str(value)]
+    return argv
+
+
 def absolute_path(text: str) -> str:
     """A command-line path made absolute against the current directory: workers run elsewhere (cwd = repository)."""
     return os.path.abspath(os.path.expanduser(text))
