@@ -7,6 +7,9 @@
 #     DRY=1 MTBERT_DATA_DIR=../shared/data bash scripts/gpu_session.sh
 #
 # Stages (STAGES, in this order; each is skipped when less time is left than it needs):
+#   verify   bash scripts/gpu_verify.sh first (issue 18): eager vs static vs graphs, correctness before
+#            speed, its JSON verdict in docs/gpu/ (in docs.tgz). A failed verdict stops the session
+#            here; a passed one is remembered in $STATE, so a rerun on a warm machine goes straight on
 #   bench    python -m mtbert.bench: default encoder at batch 16 and bert-base shapes at 16 and 32,
 #            reference vs eager vs static vs graphs (+ compile variants at 32): docs/bench/<card>-<date>.jsonl
 #   study    python search.py --study lr_dropout as shipped (40 trials x 10 epochs, full data), the
@@ -33,7 +36,7 @@ T0=$(date +%s)
 DRY=${DRY:-0}
 BUDGET_S=${BUDGET_S:-540}          # wall clock of the whole script; the device allows 600 s per call
 RESERVE_S=${RESERVE_S:-25}         # kept for packing $OUT at the end
-STAGES=${STAGES:-bench study report holdout pack grids}
+STAGES=${STAGES:-verify bench study report holdout pack grids}
 OUT=${OUT:-gpu-out}
 STATE=${STATE:-.device/state}
 EPOCHS=${EPOCHS:-10}
@@ -125,6 +128,19 @@ finish() {  # always: make the storages self-contained, pack what goes back
 }
 MPS_STARTED=0
 trap finish EXIT
+
+# ------------------------------------------------------------ verify: before anything is measured
+if wanted verify && [ ! -f "$STATE/verify-passed" ]; then
+  mkdir -p "$DOCS/docs/gpu"
+  run verify 120 540 bash scripts/gpu_verify.sh --out "$DOCS/docs/gpu/verify-$CARD-$DATE.json"
+  rc=$?
+  grep '^\[gpu_verify\]' "$LOG" | tail -n 12
+  if [ "$rc" != 0 ]; then
+    log "verify: exit $rc: the session stops here (the verdict is in docs.tgz: docs/gpu/verify-$CARD-$DATE.json)"
+    exit 1
+  fi
+  touch "$STATE/verify-passed"
+fi
 
 # ------------------------------------------------------------ bench
 if wanted bench; then

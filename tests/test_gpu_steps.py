@@ -39,7 +39,7 @@ def test_workers_get_the_step_and_gpu_workers_a_share_of_the_cores(tmp_path, mon
 
     launched = []
     monkeypatch.setattr(launch.subprocess, "Popen", lambda cmd, **kw: launched.append((cmd, kw["env"])))
-    monkeypatch.setattr(launch, "node_cores", lambda: 16)
+    monkeypatch.setattr(launch, "node_cores", lambda: 16, raising=False)  # raising=False: the old code too
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     args = argparse.Namespace(seed=None, n_trials=None, epochs=None, max_examples=None, model=None, data_dir=None,
                               step="eager")
