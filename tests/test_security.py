@@ -171,3 +171,42 @@ def test_dashboard_help_says_read_only_and_how_to_allow_writes():
     text = subprocess.run([sys.executable, "search.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120).stdout
     assert "read-only" in text and "--dashboard-writable" in text
+
+
+# ------------------------------------------------------------ 8: what is trained comes from the spec and the params
+
+
+def test_tampered_user_attrs_change_nothing_a_confirmation_trains(tmp_path):
+    from optuna.distributions import FloatDistribution
+
+    from service import confirm
+    from storage import optuna_compat
+
+    path = write_study(tmp_path, "cf", "m", "d", n_trials=2, epochs=2, pruner='type = "none"')
+    spec = load_spec(path)
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    parent = open_study(spec, url, {})
+    import optuna
+
+    distributions = {"lr": FloatDistribution(1e-4, 1e-2, log=True), "hidden_dropout_prob": FloatDistribution(0.0, 0.3)}
+    for value, lr in ((0.7, 1e-3), (0.6, 2e-3)):
+        # what the dashboard's POST /api/trials/N/user-attrs left on the trial: another model, another lr
+        injected = {"model": "/home/attacker/evil-model", "lr": 0.5, "epochs": 99, "seed": 0, "hidden_dropout_prob": 0.1}
+        parent.add_trial(optuna.trial.create_trial(
+            state=TrialState.COMPLETE, value=value, params={"lr": lr, "hidden_dropout_prob": 0.1},
+            distributions=distributions, user_attrs={"config": injected}))
+    study, cspec, _ = confirm.create(parent, spec, url, confirm.Request(2, 2))
+    for record in study.user_attrs["confirm"]["parents"]:
+        cfg = record["config"]
+        assert cfg["model"] == "m" and cfg["epochs"] == 2 and cfg["lr"] == record["params"]["lr"], cfg
+    assert cspec.train["model"] == "m" and cspec.epochs == 2
+    # the slot (parent, seed) a worker trains comes from system attrs, not from user attrs the dashboard writes
+    storage = optuna_compat.study_storage(study)
+    for t in study.get_trials(states=(TrialState.WAITING,)):
+        storage.set_trial_user_attr(t._trial_id, "seed", 999)
+        storage.set_trial_user_attr(t._trial_id, "parent_trial", 1)
+    plan = confirm.Confirmation.of(study)
+    trial = study.ask()
+    values = plan.trial_values(trial, cspec)
+    assert values["seed"] in study.user_attrs["confirm"]["seeds"] and values["seed"] != 999
+    assert values["model"] == "m" and values["lr"] == trial.params["lr"] == 1e-3  # parent #0, the first slot
