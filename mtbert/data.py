@@ -8,6 +8,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "dev", "test-student")
 # 2: pair tasks hold the joint "[CLS] s1 [SEP] s2" encoding (TaskData.pair); 3: unlabelled rows with an empty
 # sentence are kept
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: stored as plain tensors and data (weights-only loading)
 
 
 class DataError(RuntimeError):
@@ -251,8 +252,9 @@ def load_task(data_dir: Path, task: str, split: str, tokenizer, max_length: int 
     cache = _cache_dir() / f"{task}-{split}-{key[:20]}.pt"
     if cache.is_file():
         try:
-            return torch.load(cache, weights_only=False)
-        except Exception:  # a torn or stale cache file is rebuilt, never trusted
+            # weights-only: a planted pickle in the cache folder is refused (and rebuilt), never run
+            return _task_from_state(torch.load(cache, weights_only=True))
+        except Exception:  # a torn, stale, foreign or tampered cache file is rebuilt, never trusted
             logger.info("rebuilding unreadable token cache %s", cache)
     raw = subsample(read_task(path, task, labelled), max_examples)
     if not raw.ids:
@@ -261,11 +263,29 @@ def load_task(data_dir: Path, task: str, split: str, tokenizer, max_length: int 
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(data, tmp)
+        torch.save(_task_state(data), tmp)
         os.replace(tmp, cache)
     except OSError as exc:  # a read-only home is no reason to fail a run
         logger.debug("token cache not written: %s", exc)
     return data
+
+
+def _encoded_state(e: Encoded | None) -> dict[str, Any] | None:
+    return None if e is None else {"ids": e.ids, "lengths": e.lengths, "type_ids": e.type_ids}
+
+
+def _task_state(data: TaskData) -> dict[str, Any]:
+    """A TaskData as tensors and plain data: what torch.load(weights_only=True) reads back."""
+    return {"task": data.task, "ids": list(data.ids), "columns": [_encoded_state(c) for c in data.columns],
+            "labels": data.labels, "skipped": data.skipped, "pair": _encoded_state(data.pair)}
+
+
+def _task_from_state(state: dict[str, Any]) -> TaskData:
+    def enc(e: dict[str, Any] | None) -> Encoded | None:
+        return None if e is None else Encoded(e["ids"], e["lengths"], e["type_ids"])
+
+    return TaskData(state["task"], state["ids"], [enc(c) for c in state["columns"]], state["labels"],
+                    state["skipped"], enc(state["pair"]))
 
 
 def load_splits(data_dir: Path, tokenizer, splits: tuple[str, ...] = ("train", "dev"),

@@ -9,16 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainConfig, resolve_model_name
+from .config import ModelLoadError, TrainConfig, resolve_model_name  # noqa: F401 - ModelLoadError is ours
 from .tasks import TASK_TABLE, TASKS
 
 logger = logging.getLogger(__name__)
 
 N_SENTIMENT_CLASSES = 5
-
-
-class ModelLoadError(RuntimeError):
-    """The encoder or tokenizer could not be loaded (offline, wrong name, broken folder)."""
 
 
 def load_pretrained(model: str) -> tuple[nn.Module, "object"]:

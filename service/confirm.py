@@ -36,13 +36,17 @@ from storage import optuna_compat
 from service.markdown import markdown_table, number
 from service.ranking import best_trial, ranked_complete
 from service.stats import PairedComparison, mean_sd, paired_t, verdict
-from service.study import FINISHED, open_study, override_argv, study_uuid, trial_counts
+from service.study import (FINISHED, open_study, override_argv, recorded_spec, study_uuid, trial_config,
+                           trial_counts)
 from studies import StudySpec, load_spec, spec_from_dict
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = ":confirm"
 DEFAULT_SEEDS = 3
+# a confirmation trial's (parent trial, seed), in its system attrs: the dashboard can write user attrs, and
+# what is trained must not follow them (the user attrs of the same name are for people); retries copy it
+SLOT_ATTR = "mtbert_confirm_slot"
 DEFAULT_SEED_BASE = 1  # seeds are the first N integers from here that no parent trial trained with
 
 
@@ -108,13 +112,13 @@ def confirmation_spec(parent: StudySpec, n_trials: int, n_configs: int, train_fr
     return spec_from_dict(data)
 
 
-def _parent_record(trial: FrozenTrial, rank: int) -> dict[str, Any]:
+def _parent_record(trial: FrozenTrial, rank: int, spec: StudySpec) -> dict[str, Any]:
+    """What a confirmation re-trains of a parent trial: its config rebuilt from the study's spec and the
+    trial's params (service.study.trial_config), never its `config` user attr, which the dashboard can write."""
     attrs = trial.user_attrs
-    if not attrs.get("config"):
-        raise ConfirmError(f"trial #{trial.number} has no recorded training config to re-train")
     return {"trial": trial.number, "search_rank": rank, "value": trial.value,
             "scores": {k: attrs[k] for k in SCORES if k in attrs}, "params": dict(trial.params),
-            "config": dict(attrs["config"])}
+            "config": trial_config(spec, trial)}
 
 
 def create(parent: optuna.Study, spec: StudySpec, url: str | None, request: Request) -> tuple[optuna.Study, StudySpec, int]:
@@ -139,7 +143,8 @@ def create(parent: optuna.Study, spec: StudySpec, url: str | None, request: Requ
                        "confirming those, not %d%s", spec.name, len(ranked), counts[TrialState.PRUNED],
                        counts[TrialState.FAIL], request.top,
                        "; a larger budget (--n-trials) completes more" if counts[TrialState.PRUNED] else "")
-    parents = [_parent_record(t, rank) for rank, t in enumerate(ranked[: request.top], start=1)]
+    trained = recorded_spec(parent, spec)
+    parents = [_parent_record(t, rank, trained) for rank, t in enumerate(ranked[: request.top], start=1)]
     used = {int(p["config"].get("seed", 0)) for p in parents}
     seeds = fresh_seeds(request.seeds, used, request.seed_base)
     name = confirmation_name(spec.name)
@@ -161,12 +166,16 @@ def create(parent: optuna.Study, spec: StudySpec, url: str | None, request: Requ
         slots = [(p["trial"], s) for s in seeds for p in parents]  # seed-major: early results pair up
         cspec = confirmation_spec(spec, len(slots), len(parents), parents[0]["config"])
         study = open_study(cspec, url, {}, role="confirm")
-        have = {(t.user_attrs.get("parent_trial"), t.user_attrs.get("seed")) for t in study.get_trials(deepcopy=False)}
+        have = {slot(t) for t in study.get_trials(deepcopy=False)}
         params = {p["trial"]: p["params"] for p in parents}
         added = 0
         for trial, seed in slots:
             if (trial, seed) not in have:
-                study.enqueue_trial(params[trial], user_attrs={"parent_trial": trial, "seed": seed})
+                # enqueue_trial, with the slot where the dashboard cannot write it
+                study.add_trial(optuna.trial.create_trial(
+                    state=TrialState.WAITING, system_attrs={"fixed_params": params[trial],
+                                                            SLOT_ATTR: {"parent_trial": trial, "seed": seed}},
+                    user_attrs={"parent_trial": trial, "seed": seed}))
                 added += 1
         new_plan = {"study": spec.name, "study_uuid": parent_id, "metric": spec.metric, "direction": spec.direction,
                     "seeds": seeds, "parents": parents,
@@ -256,7 +265,8 @@ class Confirmation:
         so that the dashboard and the leaderboard show them; they must agree with the parent's config."""
         from mtbert.config import config_fields
 
-        parent = self.parents[trial.user_attrs["parent_trial"]]
+        parent_number, seed = slot(optuna_compat.study_storage(trial.study).get_trial(optuna_compat.trial_id(trial)))
+        parent = self.parents[parent_number]
         suggested = spec.suggest(trial)
         config = {k: v for k, v in parent["config"].items() if k in config_fields() and k != "device"}
         wrong = {k: (v, config[k]) for k, v in suggested.items() if k in config and k in trial.params and v != config[k]}
@@ -264,7 +274,13 @@ class Confirmation:
             raise ConfirmError(f"trial {trial.number}: params {wrong} differ from parent trial #{parent['trial']}'s config")
         # where this worker runs: its device, and its path to the data (the same files, checked by content)
         here = {k: spec.train[k] for k in ("device", "data_dir") if k in spec.train}
-        return {**suggested, **config, **here, "seed": int(trial.user_attrs["seed"])}
+        return {**suggested, **config, **here, "seed": int(seed)}
+
+
+def slot(trial: FrozenTrial) -> tuple[Any, Any]:
+    """(parent trial number, seed) of a confirmation trial, from its system attrs (user attrs: older studies)."""
+    recorded = trial.system_attrs.get(SLOT_ATTR) or trial.user_attrs
+    return recorded.get("parent_trial"), recorded.get("seed")
 
 
 def best_seed_per_configuration(trials: list[FrozenTrial]) -> list[FrozenTrial]:
@@ -272,7 +288,7 @@ def best_seed_per_configuration(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     seen: set[int] = set()
     out = []
     for t in trials:
-        parent = t.user_attrs.get("parent_trial")
+        parent = slot(t)[0]
         if parent not in seen:
             seen.add(parent)
             out.append(t)
@@ -372,7 +388,7 @@ def failed_slots(trials: list[FrozenTrial]) -> int:
     killed worker is FAIL too, but its slot was retried, so it is not a failure of the slot."""
     states: dict[tuple, set] = {}
     for t in trials:
-        states.setdefault((t.user_attrs.get("parent_trial"), t.user_attrs.get("seed")), set()).add(t.state)
+        states.setdefault(slot(t), set()).add(t.state)
     return sum(1 for v in states.values() if v == {TrialState.FAIL})
 
 
@@ -381,7 +397,7 @@ def summarize(study: optuna.Study) -> Summary:
     plan = study.user_attrs["confirm"]
     configs = {p["trial"]: ConfigResult(p) for p in plan["parents"]}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        parent, seed = t.user_attrs.get("parent_trial"), t.user_attrs.get("seed")
+        parent, seed = slot(t)
         if parent in configs and t.value is not None:
             configs[parent].runs.setdefault(seed, t)
     maximize = plan["direction"] == "maximize"

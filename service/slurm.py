@@ -60,6 +60,11 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
                             "partition, 'none' asks nothing, anything else goes to sbatch --gres (default: auto)")
     group.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                        help="extra sbatch option, repeatable: --sbatch-arg=--account=lab --sbatch-arg=--qos=low")
+    group.add_argument("--task-env", action="append", default=[], metavar="NAME",
+                       help="pass this environment variable to the array tasks too, repeatable; by default they "
+                            "get only what a worker needs: MTBERT_*, PATH, HOME, python and conda variables, "
+                            "CUDA_*, OMP_*, HF_* offline/cache and TRANSFORMERS_* flags, libpq SSL settings "
+                            "(docs/security.md)")
     group.add_argument("--shared-dir", default=os.environ.get("MTBERT_SHARED_DIR"), metavar="DIR",
                        help="folder every node sees: checkpoints/, artifacts/ and logs/ go beneath it "
                             "(default: $MTBERT_SHARED_DIR, else the tasks use $MTBERT_CHECKPOINT_DIR and "
@@ -247,11 +252,32 @@ def storage_file_for_tasks(url: str, url_file: str | None, shared_dir: Path) -> 
     return path
 
 
-def task_environment(url: str, storage_file: Path, shared_dir: str | None, seed: int | None) -> dict[str, str]:
-    """This environment for sbatch to export: the storage file's path, never the URL or its password."""
+# What an array task inherits from this shell: what a worker (and sbatch itself) needs, nothing else.
+# Everything not listed (other services' URLs, cloud keys, tokens) stays here; --task-env NAME adds one.
+TASK_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
+    "PYTHONPATH", "PYTHONHOME", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "VIRTUAL_ENV", "LD_LIBRARY_PATH",
+    "CONDA_PREFIX", "CONDA_DEFAULT_ENV", "CONDA_EXE", "CONDA_PYTHON_EXE", "CONDA_SHLVL",
+    "SLURM_CONF", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
+    # libpq's connection settings (not PGPASSWORD: the password belongs in the storage file)
+    "PGSSLMODE", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY", "PGSSLCRL", "PGPASSFILE", "PGSERVICEFILE",
+    "PGCONNECT_TIMEOUT", "PGAPPNAME", "PGTZ",
+    "TOKENIZERS_PARALLELISM", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+    "HF_HUB_DISABLE_TELEMETRY", "TRANSFORMERS_CACHE", "TRANSFORMERS_OFFLINE",
+})
+TASK_ENV_PREFIXES = ("MTBERT_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "OPENBLAS_", "TORCH_", "PYTORCH_", "NCCL_",
+                     "LC_", "SBATCH_")
+
+
+def task_environment(url: str, storage_file: Path, shared_dir: str | None, seed: int | None,
+                     extra: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
+    """The environment sbatch runs with and exports to the tasks: the allowlist above (plus `extra`
+    names) and the storage file's path, never the URL, its password or any other variable."""
     password = getattr(_parse(url), "password", None)
+    wanted = TASK_ENV_NAMES | set(extra)
     env = {k: v for k, v in os.environ.items()
-           if k not in ("MTBERT_STORAGE", "MTBERT_STORAGE_FILE", "MTBERT_SEED")
+           if (k in wanted or k.startswith(TASK_ENV_PREFIXES))
+           and k not in ("MTBERT_STORAGE", "MTBERT_STORAGE_FILE", "MTBERT_SEED")
            and url not in v and not (password and password in v)}
     env["MTBERT_STORAGE_FILE"] = str(storage_file)
     env["MTBERT_PYTHON"] = sys.executable
@@ -301,7 +327,10 @@ def submit(study: str, spec: StudySpec, url: str, args: argparse.Namespace, key:
                          f"folder you can write that every node sees)") from None
     gres = resolve_gres(args)
     cmd = sbatch_command(study, spec, args, log_dir, gres)
-    out = _slurm(cmd, env=task_environment(url, storage_file, args.shared_dir, args.seed))
+    env = task_environment(url, storage_file, args.shared_dir, args.seed, getattr(args, "task_env", None) or ())
+    logger.info("array tasks receive %d environment variable(s): %s (more with --task-env NAME)", len(env),
+                " ".join(sorted(env)))
+    out = _slurm(cmd, env=env)
     job_id = out.strip().split(";")[0]  # --parsable: "JOBID" or "JOBID;CLUSTER"
     logger.info("submitted job array %s: %d task(s)%s; task output in %s", job_id, args.workers,
                 f" with --gres={gres}" if gres else " (no GPUs requested)", log_dir)

@@ -217,6 +217,32 @@ def run_id(study: optuna.Study, root: int) -> str:
     return f"{study_uuid(study)}/trial-{int(root)}"
 
 
+def recorded_spec(study: optuna.Study, fallback: StudySpec) -> StudySpec:
+    """The spec recorded on the study when it was created (overrides included); `fallback` (the file, which
+    open_study compared with it) for a study recorded by an older version."""
+    from studies import spec_from_dict
+
+    data = study.user_attrs.get("spec")
+    if not isinstance(data, dict):
+        return fallback
+    try:
+        return spec_from_dict(data)
+    except StudySpecError:
+        return fallback
+
+
+def trial_config(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The TrainConfig a trial trained with, rebuilt as the worker built it: the spec's [train] values and
+    the trial's params (presets expanded), code defaults for the rest, without the device. Never from the
+    trial's user attrs: the dashboard can write those."""
+    from mtbert.config import TrainConfig
+
+    values = spec.suggest(optuna.trial.FixedTrial(dict(trial.params), number=trial.number))
+    config = TrainConfig().replace(**values).to_dict()
+    config.pop("device", None)
+    return config
+
+
 class StudyMismatch(StudySpecError):
     """The study file (with this command's overrides) differs from the spec recorded on the study."""
 

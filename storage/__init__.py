@@ -49,6 +49,8 @@ __all__ = [
     "redact",
     "open_storage",
     "trial_slot_lock",
+    "StorageLost",
+    "check_storage",
     "artifact_store",
     "checkpoint_dir",
     "install_secret_filter",
@@ -601,7 +603,45 @@ def open_storage(url: str | None = None, *, heartbeat: bool = True, create: bool
     if backend == "sqlite":
         sqlalchemy.event.listen(storage.engine, "connect", _sqlite_pragmas)
         storage.engine.dispose()  # pooled connections were opened before the listener
+        storage._file_identity = _file_identity(db_file) if db_file is not None else None
     return storage
+
+
+class StorageLost(StorageUnavailable):
+    """The storage a run opened is gone: its SQLite file was deleted or replaced, or the study was deleted
+    or renamed. Nothing written since is in the storage users will read: an error, never a leaderboard."""
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_storage(storage: RDBStorage, study_name: str | None = None, study_id: int | None = None) -> None:
+    """Raise StorageLost when the SQLite file this storage opened is no longer the file at its path
+    (deleted, or replaced by another file: open connections keep writing to the old one, unseen), or when
+    `study_id` no longer names the study `study_name` (deleted, or renamed: a rename copies the study)."""
+    recorded = getattr(storage, "_file_identity", None)
+    if recorded is not None:
+        db_file = _sqlite_file(storage.url)
+        now = _file_identity(db_file)
+        if now != recorded:
+            what = "deleted" if now is None else "replaced by another file"
+            raise StorageLost(f"the SQLite file {db_file} was {what} while this run used it: nothing it wrote since "
+                              f"is in the storage; stopping (restore the file, or start the study again)")
+    if study_id is not None:
+        try:
+            name = storage.get_study_name_from_id(study_id)
+        except KeyError:
+            name = None
+        if name != study_name:
+            now = f"is now called {name!r}" if name else "no longer exists"
+            raise StorageLost(f"study {study_name!r} {now} in {redact(storage.url)}: it was deleted or renamed "
+                              f"while this run used it (e.g. through a dashboard started with --dashboard-writable); "
+                              f"stopping")
 
 
 # --------------------------------------------------------------------------- locking
@@ -676,6 +716,15 @@ def _pg_advisory_lock(engine: sqlalchemy.Engine, key: int, outage: _Outage | Non
             conn.close()
 
 
+def _lock_file_name(db_name: str, study_name: str) -> str:
+    """``<db>.<readable prefix>-<hash>.lock``: the hash of the full name tells studies apart (names that differ
+    only in characters a file name cannot hold, too), and the name stays far below the 255-byte limit of
+    a file name whatever the study is called (100 CJK characters are 300 bytes of UTF-8)."""
+    digest = hashlib.sha256(study_name.encode()).hexdigest()[:16]
+    readable = re.sub(r"[^A-Za-z0-9_.-]", "_", study_name)[:32]
+    return f"{db_name[:150]}.{readable}-{digest}.lock"
+
+
 def _os_lock(storage: RDBStorage, study_name: str) -> contextlib.AbstractContextManager:
     backend = storage.engine.url.get_backend_name()
     if backend == "postgresql":
@@ -684,8 +733,7 @@ def _os_lock(storage: RDBStorage, study_name: str) -> contextlib.AbstractContext
         db_file = _sqlite_file(storage.url)
         if db_file is None:  # in-memory: only this process can see it
             return contextlib.nullcontext()
-        safe = re.sub(r"[^\w.-]", "_", study_name)
-        return _flock(db_file.with_name(f"{db_file.name}.{safe}.lock"))
+        return _flock(db_file.with_name(_lock_file_name(db_file.name, study_name)))
     raise NotImplementedError(f"trial_slot_lock: unsupported backend {backend!r}")
 
 

@@ -60,3 +60,32 @@ def queue_retry(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
     callback = getattr(study_storage(study), "get_heartbeat_stale_trial_callback", lambda: None)()
     if callback is not None:
         callback(study, frozen)
+
+
+def study_id(study: optuna.Study) -> int:
+    """The storage's id of a study (a rename gives the study a new id: Optuna copies it)."""
+    return study._study_id
+
+
+def adopt_unbeaten_trials(study: optuna.Study) -> list[int]:
+    """Give every RUNNING trial of the study that has no heartbeat row one heartbeat now, and return their ids.
+
+    Optuna judges staleness only for trials with a heartbeat row, so a RUNNING trial without one (copied
+    by a study rename, or left by a worker killed between `ask` and its first beat) would stay RUNNING
+    forever. With one beat, it is stale after the grace period unless a live worker goes on beating it;
+    the beat is written the way live workers write theirs (record_heartbeat), so both are on one clock.
+    """
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial import TrialState
+    from sqlalchemy.orm import selectinload
+
+    rdb = rdb_storage(study)
+    with _create_scoped_session(rdb.scoped_session) as session:
+        running = (session.query(models.TrialModel).options(selectinload(models.TrialModel.heartbeats))
+                   .filter(models.TrialModel.state == TrialState.RUNNING,
+                           models.TrialModel.study_id == study_id(study)).all())
+        unbeaten = [t.trial_id for t in running if not t.heartbeats]
+    for trial_id_ in unbeaten:
+        rdb.record_heartbeat(trial_id_)
+    return unbeaten

@@ -130,7 +130,10 @@ def synthetic_parent(tmp_path: Path, n_trials: int = 5, rows=SEARCH, config: dic
                      metric: str = "overall") -> tuple[optuna.Study, object, str]:
     """A finished search without training: complete trials with the given values and recorded configs
     (a confirmation re-trains from the configs; the search's own scores only rank them)."""
-    path = study_file(tmp_path, n_trials=n_trials, pruner=pruner)
+    # a confirmation re-trains from the spec and the params (never from the writable `config` attr): the
+    # study file says what the recorded configs say
+    where = {} if config is None else dict(model=config["model"], data=config["data_dir"], epochs=config["epochs"])
+    path = study_file(tmp_path, n_trials=n_trials, pruner=pruner, **where)
     path.write_text(path.read_text().replace('metric = "overall"', f'metric = "{metric}"'))
     spec = load_spec(path)
     url = url or f"sqlite:///{tmp_path / 'c.db'}"

@@ -76,7 +76,7 @@ def test_train_cli_refuses_another_runs_checkpoint_in_one_line(tiny_model, tiny_
     assert proc.returncode == 0, proc.stderr
     final = json.loads(proc.stdout.strip().splitlines()[-1])
     assert final["train_seconds"] > 0 and final["epoch"] == 2
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["identity"]["settings"]["lr"] == 1e-5
 
 
@@ -165,7 +165,7 @@ def test_disk_full_is_one_clear_error_and_leaves_no_temp_file(tiny_model, tiny_d
     assert type(info.value).__name__ == "CheckpointWriteError", info.value
     assert str(info.value) == f"no space left on device at {out} (writing checkpoint.pt)"
     assert tmp_files(tmp_path) == []
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1  # the last good one is intact
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1  # the last good one is intact
 
     # in the search: that trial fails with the reason, and its temp file is gone with it
     saves.clear()
@@ -220,7 +220,7 @@ def test_sigterm_during_a_checkpoint_write_keeps_the_epoch_and_no_temp_file(tmp_
     assert first.state == TrialState.FAIL and first.user_attrs["fail_reason"] == "worker stopped by a signal; retried"
     assert [t.state for t in study.trials[1:]] == [TrialState.WAITING]  # queued for retry
     folder = Path(first.user_attrs["checkpoint"])
-    assert torch.load(folder / "checkpoint.pt", weights_only=False)["epoch"] == 1  # the epoch was not lost
+    assert torch.load(folder / "checkpoint.pt", weights_only=True)["epoch"] == 1  # the epoch was not lost
     assert json.loads((folder / "metrics.json").read_text())[-1]["epoch"] == 1
     assert tmp_files(tmp_path) == []
 
@@ -385,7 +385,7 @@ def test_export_uses_the_identity_not_the_checkpoint_attribute(tmp_path, tiny_mo
     Worker(study, spec, device="cpu", progress=False).run()
     assert study.trials[0].user_attrs["checkpoint"] == str(other)
     export_best(study, spec, tmp_path / "best")
-    exported = torch.load(tmp_path / "best" / "checkpoint" / "checkpoint.pt", weights_only=False)
+    exported = torch.load(tmp_path / "best" / "checkpoint" / "checkpoint.pt", weights_only=True)
     assert exported.get("identity") is not None, "exported the checkpoint the attribute named"
     from reports.export_best import ExportError
     from service.study import run_id, trial_dir

@@ -249,7 +249,7 @@ def test_uncertainty_log_variances_move_toward_their_optimum():
 def test_uncertainty_weights_are_learned_in_training(tiny_model, tiny_data, tmp_path):
     cfg = tiny_cfg(tiny_model, tiny_data, epochs=2, loss_weighting="uncertainty", uncertainty_lr=0.05)
     train(cfg, out_dir=tmp_path / "run", progress=False)
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     s = state["model"]["loss_log_vars"]
     assert s.abs().min() > 0.05  # learned (they start at 0), and saved with the model
     groups = state["optimizer"]["param_groups"]
@@ -411,8 +411,8 @@ def test_resume_with_methods_equals_an_uninterrupted_run(tiny_model, tmp_path, m
     resumed = train(cfg, prepared, out_dir=tmp_path / "part", progress=False)
     assert [r.metrics for r in resumed] == [r.metrics for r in full]
     assert [r.train_loss for r in resumed] == [r.train_loss for r in full]
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 

@@ -217,8 +217,8 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_model, tiny_d
     resumed = train(cfg, prepared, out_dir=tmp_path / "part", callback=replayed.append, progress=False)
     assert [r.resumed for r in replayed] == [True, False, False]
     assert [r.metrics for r in resumed] == [r.metrics for r in full]
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 3
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k

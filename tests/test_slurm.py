@@ -503,3 +503,34 @@ def test_tasks_and_later_commands_agree_on_the_checkpoint_folder(tmp_path, monke
         launcher.task_environment("sqlite:///x.db", url_file, str(shared), seed=None)
     assert f"MTBERT_CHECKPOINT_DIR={mine} is ignored: the shared folder decides, the tasks use {shared}/checkpoints" \
         in caplog.text
+
+
+def test_array_tasks_receive_only_what_a_worker_needs_not_the_whole_environment(tmp_path, monkeypatch):
+    """Issue 17 finding 9: sbatch exported every variable of the submitting shell (other URLs, keys) to the tasks."""
+    url = "postgresql://mtbert:pw-9xq@db:5432/mtbert"
+    secrets = {"FAKE_SECRET": "s3cr3t-1", "AWS_SECRET_ACCESS_KEY": "s3cr3t-2", "OTHER_DATABASE_URL": "s3cr3t-3",
+               "GITHUB_TOKEN": "s3cr3t-4", "HF_TOKEN": "s3cr3t-5"}
+    needed = {"PATH": os.environ["PATH"], "HOME": "/home/u", "MTBERT_DATA_DIR": "/data", "CUDA_VISIBLE_DEVICES": "0",
+              "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2", "VIRTUAL_ENV": "/venv",
+              "PYTHONPATH": "/lib"}
+    for name, value in {**secrets, **needed, "MY_TOOL_HOME": "/opt/tool"}.items():
+        monkeypatch.setenv(name, value)
+    url_file = tmp_path / "url"
+    url_file.write_text(url)
+    url_file.chmod(0o600)
+    captured = {}
+
+    def fake_slurm(cmd, env=None, **kw):
+        captured["env"] = env
+        return "4242"
+
+    monkeypatch.setattr(launcher, "_slurm", fake_slurm)
+    args = slurm_args(storage_file=str(url_file), shared_dir=str(tmp_path), task_env=["MY_TOOL_HOME"])
+    launcher.submit("lr_dropout", argparse.Namespace(name="x"), url, args, "key")
+    env = captured["env"]
+    assert not [k for k, v in env.items() if "s3cr3t" in v or "pw-9xq" in v], sorted(env)
+    assert {k: env.get(k) for k in needed} == needed
+    assert env["MY_TOOL_HOME"] == "/opt/tool"  # --task-env adds a variable on purpose
+    assert env["MTBERT_STORAGE_FILE"] == str(url_file) and env["MTBERT_SHARED_DIR"] == str(tmp_path.resolve())
+    assert set(env) - set(needed) - {"MY_TOOL_HOME"} <= {k for k in os.environ if k not in secrets} | {
+        "MTBERT_STORAGE_FILE", "MTBERT_PYTHON", "MTBERT_ROOT", "MTBERT_SHARED_DIR"}

@@ -1,0 +1,52 @@
+"""optuna-dashboard as search.py --dashboard serves it: read-only unless --dashboard-writable.
+
+The dashboard's API can delete and rename studies, write trial user attributes and notes, and tell
+trials; on a shared login node "loopback only" is no boundary (any local user reaches the port). So by
+default every request that could change the storage (any method but GET, HEAD and OPTIONS) is refused
+with 403 before it reaches the dashboard; `--dashboard-writable` serves it as optuna-dashboard ships.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+logger = logging.getLogger(__name__)
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+REFUSAL = ("this dashboard is read-only (python search.py --dashboard): it cannot change, rename or delete "
+           "studies or trials; restart it with --dashboard-writable to allow that")
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def read_only(app: WSGIApp) -> WSGIApp:
+    """`app` with every request that is not GET, HEAD or OPTIONS answered 403 (JSON, like the dashboard's)."""
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET").upper()
+        if method in SAFE_METHODS:
+            return app(environ, start_response)
+        logger.warning("refused %s %s: the dashboard is read-only", method, environ.get("PATH_INFO", ""))
+        body = json.dumps({"reason": REFUSAL}).encode()
+        start_response("403 Forbidden", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return guarded
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        logger.debug(format, *args)
+
+
+def serve(storage, artifact_store, host: str, port: int, writable: bool = False) -> None:
+    """Serve the dashboard on host:port until interrupted (wsgiref, as optuna_dashboard.run_server does)."""
+    from optuna_dashboard import wsgi
+
+    app = wsgi(storage, artifact_store=artifact_store)
+    server = make_server(host, port, app if writable else read_only(app), handler_class=_QuietHandler)
+    with server:
+        server.serve_forever()
