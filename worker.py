@@ -196,10 +196,13 @@ class Worker:
     def hand_back(self, trial: optuna.Trial) -> None:
         """Fail the trial now and queue its retry (it resumes from its checkpoint) under the lock."""
         with storage_lib.trial_slot_lock(optuna_compat.rdb_storage(self.study), self.study.study_name):
-            trial.set_user_attr("fail_reason", "worker stopped by a signal; retried")
+            optuna_compat.mark_handed_back(self.study, trial)  # not a crash: MTBERT_MAX_RETRY does not count it
+            epoch = trial.user_attrs.get("epochs_done") or 0
+            trial.set_user_attr("fail_reason", f"stopped by a signal; will resume from epoch {epoch}")
             frozen = self.study.tell(trial, state=TrialState.FAIL)
             optuna_compat.queue_retry(self.study, frozen)
-        logger.warning("trial %d handed back for retry", trial.number)
+        logger.warning("trial %d handed back for retry: it resumes from its last checkpoint (not a failure: "
+                       "MTBERT_MAX_RETRY counts crashes only)", trial.number)
 
     # ------------------------------------------------------------ one trial
 

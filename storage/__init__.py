@@ -24,9 +24,10 @@ from urllib.parse import quote, unquote
 
 import optuna
 import sqlalchemy
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from sqlalchemy.engine import URL, make_url
 
+from storage import optuna_compat
 from storage.optuna_compat import RDB_DATABASE_METHODS
 
 __all__ = [
@@ -587,7 +588,7 @@ def open_storage(url: str | None = None, *, heartbeat: bool = True, create: bool
             if settings is not None:
                 interval, grace, max_retry = settings
                 kwargs.update(heartbeat_interval=interval, grace_period=grace,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                              heartbeat_stale_trial_callback=optuna_compat.CrashRetryCallback(
                                   max_retry=max_retry, inherit_intermediate_values=True))
             storage = RetryingRDBStorage(url, **kwargs)
     except Exception as exc:  # noqa: BLE001 - whatever the driver raises, the user gets one line
