@@ -39,6 +39,7 @@ from service.progress import follow, print_summary, write_trials_csv
 from service.slurm import add_slurm_arguments, check_arguments, run_array
 from service.study import (FINISHED, OVERRIDE_FLAGS, SEED, StudyIdentityError, add_override_arguments, bounded,
                            load_study_spec, open_study, storage_url, study_key, trial_counts)
+from mtbert.tasks import data_problem
 from studies import StudySpec, StudySpecError
 
 logger = logging.getLogger("search")
@@ -215,7 +216,7 @@ def _load_existing(spec: StudySpec, url: str, study_arg: str) -> tuple[optuna.St
     """The study for a command that only reads it, and the spec to read it with: the one recorded on the
     study where the file now differs from it in what changes results (the file is then the wrong guide)."""
     from studies import spec_from_dict
-    from studies.spec import spec_differences
+    from studies.spec import OVERRIDES, spec_differences
 
     rdb = storage_lib.open_storage(url, heartbeat=False, create=False)
     try:
@@ -225,7 +226,11 @@ def _load_existing(spec: StudySpec, url: str, study_arg: str) -> tuple[optuna.St
                       f"{study_arg} creates it)") from None
     recorded = study.user_attrs.get("spec")
     differences = spec_differences(recorded, spec) if recorded else []
-    if differences:
+    if differences and all(d.split(":")[0] in {OVERRIDES[k] for k in OVERRIDES} for d in differences):
+        # the study ran with flags (a smoke test's --epochs/--max-examples), the file is as it was: no warning
+        logger.info("study %r ran with other values than %s (%s): shown as recorded", spec.name, spec.path.name,
+                    "; ".join(differences))
+    elif differences:
         logger.warning("%s differs from the study's recorded spec (%s): showing the study as recorded",
                        spec.path, "; ".join(differences))
         try:
@@ -321,7 +326,10 @@ def run(argv: list[str] | None = None) -> int:
             return 0
         if args.status or args.report or args.export_best:
             study, spec = _load_existing(spec, url, args.study)
-        else:
+        elif args.launcher != "slurm" and (problem := data_problem(spec.train.get("data_dir"))):
+            logger.error("%s", problem)  # before any worker starts (and before the study exists)
+            return 2
+        else:  # (SLURM: the data may be mounted on the compute nodes only; each task's worker checks)
             study = open_study(spec, url, overrides, seed=args.seed, role="search")
     except (StudySpecError, StudyIdentityError, confirm.ConfirmError, storage_lib.StorageUnavailable, NoStudy) as exc:
         logger.error("%s", exc)

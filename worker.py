@@ -36,7 +36,7 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 
 import storage as storage_lib
-from mtbert.tasks import SCORES
+from mtbert.tasks import SCORES, data_problem
 from mtbert.config import device_problem
 from service import confirm
 from service.study import (FINISHED, SEED, StudyIdentityError, add_override_arguments, bounded, load_study_spec,
@@ -368,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         problem = device_problem(device or spec.train.get("device", "auto"), available=True)
         if problem:
             logger.error("%s", problem)
+            return 2
+        if study is None and (problem := data_problem(spec.train.get("data_dir"))):
+            logger.error("%s", problem)  # before the study is opened: a typo in a path leaves no empty study
             return 2
         if study is None:
             study = open_study(spec, url, overrides, seed=args.seed)

@@ -216,11 +216,13 @@ def _save_study_note(study: optuna.Study, plan: dict[str, Any]) -> None:
 def open_confirmation(study_arg: str, url: str | None, args: argparse.Namespace,
                       seed: int | None = None) -> tuple[StudySpec, optuna.Study]:
     """What `worker.py --study X:confirm` joins: the spec recorded on X:confirm and the study."""
-    given = override_argv(args, skip=("data_dir",))[::2]  # the flags; data: where this node has it
+    given = override_argv(args, skip=("data_dir", "study_name"))[::2]  # the flags; data: where this node has it
     if given:
         raise ConfirmError(f"{' '.join(given)}: a confirmation re-trains the recorded configurations of its "
                            f"parent trials; overrides do not apply")
     parent = load_spec(study_arg[: -len(SUFFIX)])
+    if getattr(args, "study_name", None):  # the parent study's storage name (search.py --study-name)
+        parent = parent.renamed(args.study_name)
     name = confirmation_name(parent.name)
     try:
         recorded = optuna.load_study(study_name=name, storage=storage_lib.open_storage(url, heartbeat=False))

@@ -88,7 +88,24 @@ def resolve_url(url: str | None = None, url_file: str | os.PathLike | None = Non
     url = (url or "").strip() or DEFAULT_URL  # a pasted URL's stray blank or newline
     if "://" not in url and url.endswith(".db"):
         url = f"sqlite:///{url}"
+    if problem := url_problem(url):
+        raise StorageUnavailable(problem)
     return _absolute_sqlite(url, base or Path.cwd())
+
+
+def url_problem(url: str) -> str | None:
+    """A storage URL that SQLAlchemy would refuse, or read as another database than meant, in one line
+    saying what to write instead; None for any other URL (the driver reports the rest)."""
+    scheme = url.partition("://")[0].lower()
+    if scheme == "postgres" or scheme.startswith("postgres+"):  # Heroku's and libpq's spelling
+        fixed = "postgresql" + url[len("postgres"):]
+        return f"storage {redact(url)}: SQLAlchemy knows this scheme as postgresql://, not postgres:// (use {redact(fixed)})"
+    u = _parse(url)
+    if u is not None and u.get_backend_name() == "sqlite" and u.host:  # sqlite://storage/x.db: "storage" is a host
+        path = f"{u.host}/{u.database}" if u.database else u.host
+        return (f"storage {url}: a SQLite URL has no host; write sqlite:///{path} (three slashes: relative to this "
+                f"folder) or sqlite:////absolute/path.db (four)")
+    return None
 
 
 def _absolute_sqlite(url: str, base: Path) -> str:

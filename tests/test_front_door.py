@@ -64,3 +64,88 @@ def test_hand_backs_do_not_count_against_max_retry(tmp_path, tiny_model, tiny_da
         assert bool(waiting) == expect_retry
         if not expect_retry:
             break
+
+
+# ------------------------------------------------------------ from the smoke test to the real run
+
+
+def commands_in(message: str) -> dict[str, list[str]]:
+    """The two commands a mismatch names: 'continue' and 'beside', as argv after `python search.py`."""
+    import re
+    import shlex
+
+    found = dict(re.findall(r"(continue it|beside it): python search\.py ([^;]+?)(?:;|$)", message))
+    assert set(found) == {"continue it", "beside it"}, message
+    return {k.split()[0]: shlex.split(v) for k, v in found.items()}
+
+
+def test_the_real_run_after_a_smoke_test_names_both_commands_and_each_works(tmp_path, tiny_model, tiny_data):
+    import argparse
+
+    from service.study import StudyMismatch, add_override_arguments, load_study_spec
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--study")
+    add_override_arguments(parser)
+
+    def open_with(argv: list[str]):
+        args = parser.parse_args(argv)
+        spec, overrides = load_study_spec(args.study, args)
+        return open_study(spec, url, overrides, role="search")
+
+    study_file = write_study(tmp_path, "real", tiny_model, tiny_data, n_trials=6, epochs=3)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    smoke = open_with(["--study", str(study_file), "--epochs", "1", "--max-examples", "20", "--n-trials", "2"])
+    with pytest.raises(StudyMismatch) as caught:
+        open_with(["--study", str(study_file)])  # the real run, flags dropped: the file was never edited
+    message = str(caught.value)
+    assert "train.epochs: recorded 1, file 3" in message and "train.max_examples: recorded 20" in message
+    commands = commands_in(message)
+    assert commands["continue"] == ["--study", str(study_file), "--epochs", "1", "--max-examples", "20"]
+    assert open_with(commands["continue"]).study_name == smoke.study_name == "real"
+    real = open_with(commands["beside"])  # the real study, beside the smoke test
+    assert real.study_name == "real-full" and commands["beside"][-2:] == ["--study-name", "real-full"]
+    assert real.user_attrs["spec"]["train"]["epochs"] == 3 and smoke.user_attrs["spec"]["train"]["epochs"] == 1
+
+
+def test_study_name_travels_to_the_workers(tmp_path):
+    import argparse
+
+    from service.study import add_override_arguments, override_argv
+
+    parser = argparse.ArgumentParser()
+    add_override_arguments(parser)
+    args = parser.parse_args(["--study-name", "lr_dropout-full", "--epochs", "2"])
+    assert override_argv(args) == ["--epochs", "2", "--study-name", "lr_dropout-full"]
+    bad = run("search.py", "--study", "quickstart", "--study-name", "../x", "--status",
+              "--storage", f"sqlite:///{tmp_path / 'x.db'}")
+    assert bad.returncode == 2 and "'../x': a study's name" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------ one clear error, exit 2, nothing created
+
+
+def test_a_missing_data_folder_is_one_error_before_any_worker_and_no_study(tmp_path, tiny_model):
+    study_file = write_study(tmp_path, "nodata", tiny_model, tmp_path / "no-such-folder", n_trials=2, epochs=1)
+    db = tmp_path / "n.db"
+    proc = run("search.py", "--study", str(study_file), "--storage", f"sqlite:///{db}", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "no CS224N data in" in errors[0], proc.stderr
+    assert "--data-dir" in errors[0] and "MTBERT_DATA_DIR" in errors[0]
+    assert "worker 0 on" not in proc.stderr  # no worker was started
+    import optuna
+
+    import storage as storage_lib
+    assert not db.exists() or optuna.get_all_study_names(storage_lib.open_storage(f"sqlite:///{db}")) == []
+
+
+@pytest.mark.parametrize("url, hint", [
+    ("postgres://u:secret@localhost:1/db", "postgresql://u:***@localhost:1/db"),
+    ("sqlite://storage/x.db", "sqlite:///storage/x.db"),
+])
+def test_storage_urls_that_mean_something_else_are_refused_with_the_fix(tmp_path, url, hint):
+    proc = run("search.py", "--study", "quickstart", "--status", "--storage", url, cwd=ROOT)
+    assert proc.returncode == 2 and hint in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "secret" not in proc.stderr
+    assert not (ROOT / "storage" / "storage").exists()
