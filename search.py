@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -46,6 +47,11 @@ logger = logging.getLogger("search")
 ROOT = Path(__file__).resolve().parent
 
 
+def reports_dir() -> Path:
+    """Where reports go without --out: reports/ here, or $MTBERT_REPORTS_DIR (the test suite's temporary folder)."""
+    return Path(os.environ.get("MTBERT_REPORTS_DIR") or ROOT / "reports")
+
+
 def run_dashboard(url: str, host: str, port: int) -> None:
     from optuna_dashboard import run_server
 
@@ -62,7 +68,7 @@ def write_outputs(study: optuna.Study, spec: StudySpec, url: str, args: argparse
 
     try:
         if args.report:
-            print(f"report written to {write_report(study, spec, Path(args.out or ROOT / 'reports' / spec.name), url)}")
+            print(f"report written to {write_report(study, spec, Path(args.out or reports_dir() / spec.name), url)}")
             return 0
         target = Path(args.export_best)
         if problem := repository_target_problem(target):
@@ -119,7 +125,7 @@ def write_study_report(study: optuna.Study, spec: StudySpec, url: str, out: str 
     from reports.study_report import write_report
 
     try:
-        print(f"report written to {write_report(study, spec, Path(out or ROOT / 'reports' / spec.name), url)}")
+        print(f"report written to {write_report(study, spec, Path(out or reports_dir() / spec.name), url)}")
     except Exception as exc:  # the search itself succeeded: a report problem is a warning
         logger.warning("report not written: %s: %s (python search.py --study %s --report retries)",
                        type(exc).__name__, exc, spec.name)

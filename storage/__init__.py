@@ -57,7 +57,9 @@ __all__ = [
 
 logger = logging.getLogger("storage")
 
-STORAGE_DIR: Path = Path(__file__).resolve().parent
+# the default SQLite file, worker logs, trials CSVs, artifacts and checkpoints: storage/, or $MTBERT_STORAGE_DIR
+# (the test suite points it at a temporary folder, so that it never writes into a user's storage/)
+STORAGE_DIR: Path = Path(os.environ.get("MTBERT_STORAGE_DIR") or Path(__file__).resolve().parent).expanduser().resolve()
 DEFAULT_URL: str = f"sqlite:///{STORAGE_DIR / 'mtbert.db'}"
 
 

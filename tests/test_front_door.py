@@ -149,3 +149,23 @@ def test_storage_urls_that_mean_something_else_are_refused_with_the_fix(tmp_path
     assert proc.returncode == 2 and hint in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert "secret" not in proc.stderr
     assert not (ROOT / "storage" / "storage").exists()
+
+
+# ------------------------------------------------------------ the suite leaves the user's folders alone
+
+
+def test_outputs_go_to_the_suite_s_temporary_folders_and_report_is_announced_once(tmp_path, tiny_model, tiny_data):
+    import os
+
+    import storage as storage_lib
+
+    assert not storage_lib.STORAGE_DIR.is_relative_to(ROOT)  # logs and CSVs of every test: not in storage/
+    study_file = write_study(tmp_path, "announce", tiny_model, tiny_data, n_trials=1, epochs=1)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    open_study(load_spec(study_file), url, {})
+    proc = run("search.py", "--study", str(study_file), "--report", "--storage", url)
+    assert proc.returncode == 0, proc.stderr
+    expected = Path(os.environ["MTBERT_REPORTS_DIR"]) / "announce" / "report.md"
+    assert (proc.stdout + proc.stderr).count("report written to") == 1, proc.stdout + proc.stderr
+    assert f"report written to {expected}" in proc.stdout and expected.is_file()
+    assert not (ROOT / "reports" / "announce").exists()
