@@ -169,3 +169,24 @@ def test_outputs_go_to_the_suite_s_temporary_folders_and_report_is_announced_onc
     assert (proc.stdout + proc.stderr).count("report written to") == 1, proc.stdout + proc.stderr
     assert f"report written to {expected}" in proc.stdout and expected.is_file()
     assert not (ROOT / "reports" / "announce").exists()
+
+
+# ------------------------------------------------------------ installable
+
+
+def test_pyproject_installs_every_package_and_its_commands_run_search_and_worker():
+    import importlib
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = set(project["tool"]["setuptools"]["packages"])
+    on_disk = {p.parent.name for p in ROOT.glob("*/__init__.py") if p.parent.name != "tests"}
+    assert packages == on_disk == {"mtbert", "service", "storage", "studies", "reports"}
+    scripts = project["project"]["scripts"]
+    assert scripts == {"mtbert-search": "search:main", "mtbert-worker": "worker:main"}
+    for target in scripts.values():
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function))
+    requirements = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert project["tool"]["setuptools"]["dynamic"]["dependencies"]["file"] == ["requirements.txt"]
+    assert "torch>=2.3" in requirements
