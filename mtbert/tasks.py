@@ -133,7 +133,7 @@ class Task:
     predict: Callable[[Any], Any]  # head output -> class id, 0/1 or a 0-5 score
     correlation: bool  # metric: Pearson r (True) or accuracy (False)
     head: str = ""  # the model's head attribute: MultitaskBert.<head>_head (bi) or .<head>_joint_head (cross)
-    # multitask methods (README "Multitask methods"): the TrainConfig fields that choose them for this task
+    # multitask methods (docs/methods.md): the TrainConfig fields that choose them for this task
     losses: dict[str, TaskLoss] = field(default_factory=dict)  # named losses; the first is the report's (report_loss)
     loss_option: str | None = None  # TrainConfig field naming one of `losses` (None: the first)
     weight_option: str | None = None  # TrainConfig field of this task's fixed loss weight

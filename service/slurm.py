@@ -51,7 +51,7 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
     """search.py's --launcher and the options of the SLURM launcher."""
     parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
                         help="local: worker processes on this machine; slurm: one job array, one task per "
-                             "worker (needs PostgreSQL; see README 'SLURM') (default: local)")
+                             "worker (needs PostgreSQL; see docs/slurm.md) (default: local)")
     group = parser.add_argument_group("--launcher slurm")
     group.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default)")
     group.add_argument("--time", default=None, help="time limit per task, e.g. 12:00:00 (default: the partition's)")

@@ -141,5 +141,5 @@ def real_data_dir() -> Path:
         if os.environ.get("CI") == "true":
             pytest.fail(f"the shared data set is missing at {folder}", pytrace=False)
         pytest.skip(f"real-data tests skipped: no CS224N data at {folder} (set MTBERT_DATA_DIR to the full data "
-                    f"folder, see README's Data section)")
+                    f"folder, see docs/data.md)")
     return folder
