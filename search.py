@@ -39,7 +39,7 @@ from service.launch import start_workers, stop_workers, worker_devices
 from service.progress import follow, print_summary, write_trials_csv
 from service.slurm import add_slurm_arguments, check_arguments, run_array
 from service.study import (FINISHED, OVERRIDE_FLAGS, SEED, StudyIdentityError, add_override_arguments, bounded,
-                           load_study_spec, open_study, storage_url, study_key, trial_counts)
+                           load_study_spec, open_study, storage_url, study_key, study_option, trial_counts)
 from mtbert.tasks import data_problem
 from studies import StudySpec, StudySpecError
 
@@ -127,8 +127,8 @@ def write_study_report(study: optuna.Study, spec: StudySpec, url: str, out: str 
     try:
         print(f"report written to {write_report(study, spec, Path(out or reports_dir() / spec.name), url)}")
     except Exception as exc:  # the search itself succeeded: a report problem is a warning
-        logger.warning("report not written: %s: %s (python search.py --study %s --report retries)",
-                       type(exc).__name__, exc, spec.name)
+        logger.warning("report not written: %s: %s (python search.py %s --report retries)",
+                       type(exc).__name__, exc, study_option(spec))
 
 
 def run_workers(study_arg: str, study: optuna.Study, spec: StudySpec, url: str,

@@ -19,7 +19,7 @@ import storage as storage_lib
 from mtbert.tasks import SCORE_NAMES
 from service.confirm import report_markdown as confirmation_section
 from service.progress import planned_epochs
-from service.study import recorded_budget
+from service.study import recorded_budget, study_option
 from service.ranking import best_trial, leaderboard, tally_text
 from service.markdown import markdown_table, number
 from studies import StudySpec
@@ -75,7 +75,7 @@ def header(study: optuna.Study, spec: StudySpec, trials: list[FrozenTrial], stor
         f"- objective: {spec.direction} `{spec.metric}` on dev",
         f"- trials: {finished} finished of a budget of {recorded_budget(study.user_attrs) or spec.n_trials}: "
         f"{tally_text(trials)}",
-        f"- browse every trial: `python search.py --study {spec.name} --dashboard`",
+        f"- browse every trial: `python search.py {study_option(spec)} --dashboard`",
     ]
     return "\n".join(lines)
 

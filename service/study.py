@@ -150,6 +150,13 @@ def spec_file(spec: StudySpec) -> str:
     return path.stem if path.parent.resolve() == STUDIES_DIR.resolve() else str(path)
 
 
+def study_option(spec: StudySpec) -> str:
+    """`--study lr_dropout` (and `--study-name NAME` where the study's storage name is not its file's): what
+    a printed command needs to reach this study."""
+    named = f" --study-name {spec.name}" if spec.name != Path(spec.path).stem else ""
+    return f"--study {spec_file(spec)}{named}"
+
+
 def mismatch_advice(recorded: dict[str, Any], spec: StudySpec, overrides: dict[str, Any], role: str) -> str:
     """The exact commands that continue the recorded study (its overrides given again) and that start a
     new study beside it (--study-name): usually a smoke test's flags changed the values, not an edit of the file."""

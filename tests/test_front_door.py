@@ -190,3 +190,11 @@ def test_pyproject_installs_every_package_and_its_commands_run_search_and_worker
     requirements = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     assert project["tool"]["setuptools"]["dynamic"]["dependencies"]["file"] == ["requirements.txt"]
     assert "torch>=2.3" in requirements
+
+
+def test_printed_commands_reach_a_renamed_study():
+    from service.study import study_option
+
+    assert study_option(load_spec("lr_dropout")) == "--study lr_dropout"
+    assert study_option(load_spec("lr_dropout").renamed("lr_dropout-smoke")) == \
+        "--study lr_dropout --study-name lr_dropout-smoke"
