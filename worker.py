@@ -198,7 +198,8 @@ class Worker:
         with storage_lib.trial_slot_lock(optuna_compat.rdb_storage(self.study), self.study.study_name):
             optuna_compat.mark_handed_back(self.study, trial)  # not a crash: MTBERT_MAX_RETRY does not count it
             epoch = trial.user_attrs.get("epochs_done") or 0
-            trial.set_user_attr("fail_reason", f"stopped by a signal; will resume from epoch {epoch}")
+            trial.set_user_attr("fail_reason", f"stopped by a signal; will resume from epoch {epoch}" if epoch
+                                else "stopped by a signal; will start again")
             frozen = self.study.tell(trial, state=TrialState.FAIL)
             optuna_compat.queue_retry(self.study, frozen)
         logger.warning("trial %d handed back for retry: it resumes from its last checkpoint (not a failure: "

@@ -74,7 +74,7 @@ def header(study: optuna.Study, spec: StudySpec, trials: list[FrozenTrial], stor
         f"- storage: `{storage_lib.redact(storage_url)}`",
         f"- objective: {spec.direction} `{spec.metric}` on dev",
         f"- trials: {finished} finished of a budget of {recorded_budget(study.user_attrs) or spec.n_trials}: "
-        f"{tally_text(trials)}",
+        f"{tally_text(trials, prose=True)}",
         f"- browse every trial: `python search.py {study_option(spec)} --dashboard`",
     ]
     return "\n".join(lines)

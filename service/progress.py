@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 import storage as storage_lib
 from mtbert.tasks import SCORE_NAMES, TASK_METRICS
 from storage.optuna_compat import handed_back
-from service.ranking import best_trial, leaderboard, resume_epoch, tally_text
+from service.ranking import best_trial, leaderboard, resume_text, tally_text
 from service.study import FINISHED
 from studies import StudySpec
 
@@ -128,7 +128,7 @@ class TrialEvents:
                 return f"trial {n} complete: {metric} {trial.value:.4f} (best so far)"
             return f"trial {n} complete: {metric} {trial.value:.4f} (best: #{self.best[0]} {self.best[1]:.4f})"
         if handed_back(trial):
-            return f"trial {n} stopped: handed back, will resume from epoch {resume_epoch(trial)}"
+            return f"trial {n} stopped: handed back, {resume_text([trial])}"
         reason = trial.user_attrs.get("fail_reason") or "no reason recorded"
         return f"trial {n} failed: {reason}"
 

@@ -34,13 +34,24 @@ def resume_epoch(trial: FrozenTrial) -> int:
     return int(trial.user_attrs.get("epochs_done") or max(trial.intermediate_values, default=0))
 
 
-def tally_text(trials: Sequence[FrozenTrial]) -> str:
-    """"complete 2 pruned 1 failed 0 running 1", then "stopped 1 (will resume from epoch 3)" when any is."""
+def resume_text(trials: Sequence[FrozenTrial]) -> str:
+    """What the stopped trials will do: "will resume from epoch 3" ("epochs 3, 1" for several; "will start
+    again" when none had finished an epoch)."""
+    epochs = [resume_epoch(t) for t in trials]
+    if not any(epochs):
+        return "will start again"
+    return f"will resume from epoch{'s' if len(epochs) > 1 else ''} {', '.join(map(str, epochs))}"
+
+
+def tally_text(trials: Sequence[FrozenTrial], prose: bool = False) -> str:
+    """"complete 2 pruned 1 failed 0 running 1", then "stopped 1 (will resume from epoch 3)" when any is;
+    with `prose`, "2 complete, 1 pruned, ..." (the report)."""
     n = tally(trials)
-    text = " ".join(f"{k} {n[k]}" for k in ("complete", "pruned", "failed", "running"))
+    keys = ("complete", "pruned", "failed", "running")
+    text = ", ".join(f"{n[k]} {k}" for k in keys) if prose else " ".join(f"{k} {n[k]}" for k in keys)
     if n["stopped"]:
-        epochs = ", ".join(str(resume_epoch(t)) for t in pending_resumes(trials))
-        text += f" stopped {n['stopped']} (will resume from epoch {epochs})"
+        stopped = f"{n['stopped']} stopped" if prose else f"stopped {n['stopped']}"
+        text += f"{',' if prose else ''} {stopped} ({resume_text(pending_resumes(trials))})"
     return text
 
 
@@ -86,7 +97,7 @@ def leaderboard(study: optuna.Study, spec: StudySpec,
         row.update({k: t.user_attrs[k] for k in recorded if k in t.user_attrs})
         if row["state"] == "STOPPED":
             retry = resumed_by.get(t.number)
-            row["fail_reason"] = (f"stopped by a signal; will resume from epoch {resume_epoch(t)}"
+            row["fail_reason"] = (f"stopped by a signal; {resume_text([t])}"
                                   if retry is None or retry.state == TrialState.WAITING
                                   else f"stopped by a signal; resumed as trial {retry.number}")
         # the metric column is the trial's value (its own column even while no trial has one): never the
