@@ -23,6 +23,7 @@ MTBERT_STORAGE_OUTAGE_SECONDS (the running trials are retried when the study run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -39,7 +40,8 @@ from service.launch import start_workers, stop_workers, worker_devices
 from service.progress import follow, print_summary, write_trials_csv
 from service.slurm import add_slurm_arguments, check_arguments, run_array
 from service.study import (FINISHED, OVERRIDE_FLAGS, SEED, StudyIdentityError, add_override_arguments, bounded,
-                           load_study_spec, open_study, storage_url, study_key, study_option, trial_counts)
+                           load_study_spec, open_study, recorded_budget, storage_url, study_key, study_option,
+                           trial_counts)
 from mtbert.tasks import data_problem
 from studies import StudySpec, StudySpecError
 
@@ -228,8 +230,8 @@ def _load_existing(spec: StudySpec, url: str, study_arg: str) -> tuple[optuna.St
     try:
         study = optuna.load_study(study_name=spec.name, storage=rdb)
     except KeyError:
-        raise NoStudy(f"no study {spec.name!r} in {storage_lib.redact(url)} (python search.py --study "
-                      f"{study_arg} creates it)") from None
+        raise NoStudy(f"no study {spec.name!r} in {storage_lib.redact(url)} (python search.py "
+                      f"{study_option(spec)} creates it)") from None
     recorded = study.user_attrs.get("spec")
     differences = spec_differences(recorded, spec) if recorded else []
     if differences and all(d.split(":")[0] in {OVERRIDES[k] for k in OVERRIDES} for d in differences):
@@ -239,10 +241,14 @@ def _load_existing(spec: StudySpec, url: str, study_arg: str) -> tuple[optuna.St
     elif differences:
         logger.warning("%s differs from the study's recorded spec (%s): showing the study as recorded",
                        spec.path, "; ".join(differences))
+    if differences:
         try:
             spec = spec_from_dict(recorded)
         except StudySpecError as exc:  # recorded by an older version: fall back to the file
             logger.warning("recorded spec not usable (%s); using the file", exc)
+    budget = recorded_budget(study.user_attrs)
+    if budget is not None and budget != spec.n_trials:  # e.g. a smoke test's --n-trials: show the study's own
+        spec = dataclasses.replace(spec, n_trials=budget)
     return study, spec
 
 

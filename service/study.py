@@ -172,8 +172,14 @@ def mismatch_advice(recorded: dict[str, Any], spec: StudySpec, overrides: dict[s
     new_study = f"start a new study beside it: {base}{override_text(overrides)} --study-name {beside}"
     if changed - set(flags):  # the file itself was edited: no flag restores it
         return f"Restore these values in the file to continue it, or {new_study}"
+    try:  # what the file itself says: a value it already has needs no flag
+        in_file = _result_fields(load_spec(spec.path).to_dict())
+    except StudySpecError:
+        in_file = {}
     restore = ""
     for key in sorted(changed):
+        if key in in_file and _normal(in_file[key]) == _normal(old.get(key)) or key not in in_file and key not in old:
+            continue
         value = old.get(key, 0 if flags[key] == "max_examples" else None)  # max_examples not set = 0 (all)
         if value is None:
             return f"To {new_study}"

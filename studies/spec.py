@@ -569,7 +569,8 @@ def load_spec(name_or_path: str | Path) -> StudySpec:
     path = STUDIES_DIR / f"{text}.toml" if by_name else Path(name_or_path)
     if by_name and not path.is_file():
         raise StudySpecError(f"{_display(path)}: study: unknown study {text!r} "
-                             f"(available: {', '.join(list_studies()) or 'none'})")
+                             f"(available: {', '.join(list_studies()) or 'none'}; a study started with --study-name: its "
+                             f"file with --study, its name with --study-name)")
     if not path.is_file():
         raise StudySpecError(f"{_display(path)}: file: not found")
     try:
