@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         ran = worker.run()
-        counts = trial_counts(study)
+        trials = study.get_trials(deepcopy=False)  # inside the try: a storage outage here is one line too
     except (DataError, ModelLoadError) as exc:
         logger.error("%s", exc)
         return 2
@@ -398,9 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s; this worker stops, its running trial is retried by another worker once the storage "
                      "is back", exc)
         return 3
-    logger.info("worker done: ran %d trial(s); study %s has %d complete, %d pruned, %d failed of %d", ran,
-                spec.name, counts[TrialState.COMPLETE], counts[TrialState.PRUNED], counts[TrialState.FAIL],
-                spec.n_trials)
+    from service.ranking import tally_text
+
+    logger.info("worker done: ran %d trial(s); study %s: %s of a budget of %d", ran, spec.name,
+                tally_text(trials, prose=True), spec.n_trials)
     return 1 if worker.gave_up else 0
 
 
