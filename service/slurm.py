@@ -377,7 +377,8 @@ def run_array(study_arg: str, study: optuna.Study, spec: StudySpec, url: str, ar
                                ", ".join(f"{job.job_id}_{i}" for i in job.active()))
     except KeyboardInterrupt:
         storage_option = f" --storage-file {args.storage_file}" if getattr(args, "storage_file", None) else ""
-        _on_interrupt(job, f"python search.py --study {study_arg} --status{storage_option}")
+        named = f" --study-name {args.study_name}" if getattr(args, "study_name", None) else ""
+        _on_interrupt(job, f"python search.py --study {study_arg}{named} --status{storage_option}")
         return 130
     except SlurmError as exc:
         logger.error("%s", exc)
