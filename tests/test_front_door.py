@@ -53,6 +53,9 @@ def test_hand_backs_do_not_count_against_max_retry(tmp_path, tiny_model, tiny_da
     df = leaderboard(study, spec)
     assert list(df["state"]) == ["STOPPED"] * 4 and "WAITING" not in set(df["state"]), df
     assert df["fail_reason"].iloc[-1] == "stopped by a signal; will resume from epoch 2"
+    from reports.study_report import header  # the report's count line
+    text = header(study, spec, trials, f"sqlite:///{tmp_path / 's.db'}")
+    assert "0 complete, 0 pruned, 0 failed, 0 running, 1 stopped (will resume from epoch 2)" in text, text
 
     # crashes still count: with MTBERT_MAX_RETRY=1 one crash is retried, the second is not
     from storage import optuna_compat
