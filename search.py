@@ -23,8 +23,10 @@ MTBERT_STORAGE_OUTAGE_SECONDS (the running trials are retried when the study run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -38,11 +40,18 @@ from service.launch import start_workers, stop_workers, worker_devices
 from service.progress import follow, print_summary, write_trials_csv
 from service.slurm import add_slurm_arguments, check_arguments, run_array
 from service.study import (FINISHED, OVERRIDE_FLAGS, SEED, StudyIdentityError, add_override_arguments,
-                           add_speed_arguments, bounded, load_study_spec, open_study, storage_url, study_key, trial_counts)
+                           add_speed_arguments, bounded, load_study_spec, open_study, recorded_budget, storage_url,
+                           study_key, study_option, trial_counts)
+from mtbert.tasks import data_problem
 from studies import StudySpec, StudySpecError
 
 logger = logging.getLogger("search")
 ROOT = Path(__file__).resolve().parent
+
+
+def reports_dir() -> Path:
+    """Where reports go without --out: reports/ here, or $MTBERT_REPORTS_DIR (the test suite's temporary folder)."""
+    return Path(os.environ.get("MTBERT_REPORTS_DIR") or ROOT / "reports")
 
 
 def run_dashboard(url: str, host: str, port: int, writable: bool = False) -> None:
@@ -63,7 +72,7 @@ def write_outputs(study: optuna.Study, spec: StudySpec, url: str, args: argparse
 
     try:
         if args.report:
-            print(f"report written to {write_report(study, spec, Path(args.out or ROOT / 'reports' / spec.name), url)}")
+            print(f"report written to {write_report(study, spec, Path(args.out or reports_dir() / spec.name), url)}")
             return 0
         target = Path(args.export_best)
         if problem := repository_target_problem(target):
@@ -120,10 +129,10 @@ def write_study_report(study: optuna.Study, spec: StudySpec, url: str, out: str 
     from reports.study_report import write_report
 
     try:
-        print(f"report written to {write_report(study, spec, Path(out or ROOT / 'reports' / spec.name), url)}")
+        print(f"report written to {write_report(study, spec, Path(out or reports_dir() / spec.name), url)}")
     except Exception as exc:  # the search itself succeeded: a report problem is a warning
-        logger.warning("report not written: %s: %s (python search.py --study %s --report retries)",
-                       type(exc).__name__, exc, spec.name)
+        logger.warning("report not written: %s: %s (python search.py %s --report retries)",
+                       type(exc).__name__, exc, study_option(spec))
 
 
 def run_workers(study_arg: str, study: optuna.Study, spec: StudySpec, url: str,
@@ -224,23 +233,31 @@ def _load_existing(spec: StudySpec, url: str, study_arg: str) -> tuple[optuna.St
     """The study for a command that only reads it, and the spec to read it with: the one recorded on the
     study where the file now differs from it in what changes results (the file is then the wrong guide)."""
     from studies import spec_from_dict
-    from studies.spec import spec_differences
+    from studies.spec import OVERRIDES, spec_differences
 
     rdb = storage_lib.open_storage(url, heartbeat=False, create=False)
     try:
         study = optuna.load_study(study_name=spec.name, storage=rdb)
     except KeyError:
-        raise NoStudy(f"no study {spec.name!r} in {storage_lib.redact(url)} (python search.py --study "
-                      f"{study_arg} creates it)") from None
+        raise NoStudy(f"no study {spec.name!r} in {storage_lib.redact(url)} (python search.py "
+                      f"{study_option(spec)} creates it)") from None
     recorded = study.user_attrs.get("spec")
     differences = spec_differences(recorded, spec) if recorded else []
-    if differences:
+    if differences and all(d.split(":")[0] in {OVERRIDES[k] for k in OVERRIDES} for d in differences):
+        # the study ran with flags (a smoke test's --epochs/--max-examples), the file is as it was: no warning
+        logger.info("study %r ran with other values than %s (%s): shown as recorded", spec.name, spec.path.name,
+                    "; ".join(differences))
+    elif differences:
         logger.warning("%s differs from the study's recorded spec (%s): showing the study as recorded",
                        spec.path, "; ".join(differences))
+    if differences:
         try:
             spec = spec_from_dict(recorded)
         except StudySpecError as exc:  # recorded by an older version: fall back to the file
             logger.warning("recorded spec not usable (%s); using the file", exc)
+    budget = recorded_budget(study.user_attrs)
+    if budget is not None and budget != spec.n_trials:  # e.g. a smoke test's --n-trials: show the study's own
+        spec = dataclasses.replace(spec, n_trials=budget)
     return study, spec
 
 
@@ -338,7 +355,10 @@ def run(argv: list[str] | None = None) -> int:
             return 0
         if args.status or args.report or args.export_best:
             study, spec = _load_existing(spec, url, args.study)
-        else:
+        elif args.launcher != "slurm" and (problem := data_problem(spec.train.get("data_dir"))):
+            logger.error("%s", problem)  # before any worker starts (and before the study exists)
+            return 2
+        else:  # (SLURM: the data may be mounted on the compute nodes only; each task's worker checks)
             study = open_study(spec, url, overrides, seed=args.seed, role="search")
     except (StudySpecError, StudyIdentityError, confirm.ConfirmError, storage_lib.StorageUnavailable, NoStudy) as exc:
         logger.error("%s", exc)

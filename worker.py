@@ -36,7 +36,7 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 
 import storage as storage_lib
-from mtbert.tasks import SCORES
+from mtbert.tasks import SCORES, data_problem
 from mtbert.config import device_problem
 from service import confirm
 from service.study import (FINISHED, SEED, StudyIdentityError, add_override_arguments, add_speed_arguments, bounded,
@@ -205,10 +205,14 @@ class Worker:
     def hand_back(self, trial: optuna.Trial) -> None:
         """Fail the trial now and queue its retry (it resumes from its checkpoint) under the lock."""
         with storage_lib.trial_slot_lock(optuna_compat.rdb_storage(self.study), self.study.study_name):
-            trial.set_user_attr("fail_reason", "worker stopped by a signal; retried")
+            optuna_compat.mark_handed_back(self.study, trial)  # not a crash: MTBERT_MAX_RETRY does not count it
+            epoch = trial.user_attrs.get("epochs_done") or 0
+            trial.set_user_attr("fail_reason", f"stopped by a signal; will resume from epoch {epoch}" if epoch
+                                else "stopped by a signal; will start again")
             frozen = self.study.tell(trial, state=TrialState.FAIL)
             optuna_compat.queue_retry(self.study, frozen)
-        logger.warning("trial %d handed back for retry", trial.number)
+        logger.warning("trial %d handed back for retry: it resumes from its last checkpoint (not a failure: "
+                       "MTBERT_MAX_RETRY counts crashes only)", trial.number)
 
     # ------------------------------------------------------------ one trial
 
@@ -389,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             logger.error("%s", problem)
             return 2
+        if study is None and (problem := data_problem(spec.train.get("data_dir"))):
+            logger.error("%s", problem)  # before the study is opened: a typo in a path leaves no empty study
+            return 2
         pin_device(device or spec.train.get("device", "auto"))
         if study is None:
             study = open_study(spec, url, overrides, seed=args.seed)
@@ -408,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             ran = worker.run()
-            counts = trial_counts(study)
+            trials = study.get_trials(deepcopy=False)  # inside the try: a storage outage here is one line too
         except KeyError:  # Optuna's "Record does not exist.": the study was deleted or renamed under us
             worker.check_storage()  # raises StorageLost with the line to show
             raise
@@ -419,9 +426,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s; this worker stops, its running trial is retried by another worker once the storage "
                      "is back", exc)
         return 3
-    logger.info("worker done: ran %d trial(s); study %s has %d complete, %d pruned, %d failed of %d", ran,
-                spec.name, counts[TrialState.COMPLETE], counts[TrialState.PRUNED], counts[TrialState.FAIL],
-                spec.n_trials)
+    from service.ranking import tally_text
+
+    logger.info("worker done: ran %d trial(s); study %s: %s of a budget of %d", ran, spec.name,
+                tally_text(trials, prose=True), spec.n_trials)
     return 1 if worker.gave_up else 0
 
 

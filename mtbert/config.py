@@ -49,7 +49,7 @@ class TrainConfig:
     multitask: bool = _opt(True, "sum the three losses each step (off: the tasks one after another)")
     hidden_dropout_prob: float = _opt(0.3, "dropout of the sentence vectors and inside the heads")
 
-    # multitask methods beyond the report (README "Multitask methods"); each default is the report's
+    # multitask methods beyond the report (docs/methods.md); each default is the report's
     quora_encoding: str = _opt("bi", "Quora pair encoding: 'bi' (two sentence vectors), 'cross' ([CLS] s1 [SEP] s2 "
                                      "through the encoder, head on the joint vector) or 'both' (cross logit + cos(u, v))")
     sts_encoding: str = _opt("bi", "STS pair encoding: 'bi', 'cross' or 'both' (cross score + 5*cos(u, v))")

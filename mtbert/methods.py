@@ -6,8 +6,8 @@
 - gradient surgery (`pcgrad`): PCGrad on the shared encoder's parameters;
 - named losses of the task table (`quora_loss`, `sts_loss`): in-batch multiple-negatives ranking, CoSENT;
 - layer-wise learning-rate decay (`layer_decay`): the encoder lr per layer depth.
-At the defaults every function here computes exactly what the report's trainer computed. README
-"Multitask methods" lists the switches; the training loop (mtbert.train) only calls in here.
+At the defaults every function here computes exactly what the report's trainer computed.
+docs/methods.md lists the switches; the training loop (mtbert.train) only calls in here.
 """
 from __future__ import annotations
 

@@ -94,7 +94,7 @@ class MultitaskBert(nn.Module):
         self.encoder = encoder
         self.pooling = cfg.pooling
         self.cosine = cfg.cosine
-        # pair encoding per pair task (README "Multitask methods"): "bi" builds the report's head on
+        # pair encoding per pair task (docs/methods.md): "bi" builds the report's head on
         # [u; v]; "cross"/"both" instead a head on the joint vector of "[CLS] s1 [SEP] s2". At "bi"
         # the modules (and so the initialisation's random draws) are exactly the report's.
         self.encodings = {t.name: getattr(cfg, t.encoding_option) for t in TASK_TABLE.values() if t.encoding_option}

@@ -133,7 +133,7 @@ class Task:
     predict: Callable[[Any], Any]  # head output -> class id, 0/1 or a 0-5 score
     correlation: bool  # metric: Pearson r (True) or accuracy (False)
     head: str = ""  # the model's head attribute: MultitaskBert.<head>_head (bi) or .<head>_joint_head (cross)
-    # multitask methods (README "Multitask methods"): the TrainConfig fields that choose them for this task
+    # multitask methods (docs/methods.md): the TrainConfig fields that choose them for this task
     losses: dict[str, TaskLoss] = field(default_factory=dict)  # named losses; the first is the report's (report_loss)
     loss_option: str | None = None  # TrainConfig field naming one of `losses` (None: the first)
     weight_option: str | None = None  # TrainConfig field of this task's fixed loss weight
@@ -219,6 +219,27 @@ def data_fingerprint(data_dir: str | os.PathLike, splits: tuple[str, ...] = ("tr
 def has_data(data_dir: str | os.PathLike) -> bool:
     """Whether any train or dev file of the tasks is in `data_dir`."""
     return any((Path(data_dir) / t.file_name(s)).is_file() for t in TASK_TABLE.values() for s in ("train", "dev"))
+
+
+def missing_data(data_dir: str | os.PathLike) -> list[str]:
+    """The train and dev files of the tasks that are not in `data_dir` (empty when training can start)."""
+    return [t.file_name(s) for t in TASK_TABLE.values() for s in ("train", "dev")
+            if not (Path(data_dir) / t.file_name(s)).is_file()]
+
+
+def data_problem(data_dir: str | os.PathLike | None) -> str | None:
+    """Why a search or worker cannot train on `data_dir` (None: the study's, else $MTBERT_DATA_DIR, else
+    ./data), in one line naming the ways to point it at the data; None when every file is there."""
+    from .config import resolve_data_dir
+
+    folder = resolve_data_dir(str(data_dir) if data_dir else None)
+    missing = missing_data(folder)
+    if not missing:
+        return None
+    what = "no such folder" if not folder.is_dir() else f"missing {', '.join(missing)}"
+    return (f"no CS224N data in {os.path.abspath(folder)} ({what}): pass --data-dir DIR or set "
+            f"MTBERT_DATA_DIR=DIR (a folder with ids-sst-train.csv, quora-train.csv, sts-train.csv and their dev "
+            f"files; the repository's sample_data/ is a small one)")
 
 
 def task_of_file(file_name: str, columns) -> str:

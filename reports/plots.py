@@ -57,7 +57,7 @@ def ranked(trials: Sequence[FrozenTrial], spec: StudySpec) -> list[FrozenTrial]:
 
 
 def trial_seconds(trial: FrozenTrial) -> float | None:
-    """Device seconds the trial's epochs took (training and dev evaluation): its `history` seconds,
+    """Wall-clock seconds the trial's epochs took (training and dev evaluation): its `history` seconds,
     else `epoch_seconds`, else its wall-clock duration."""
     history = trial.user_attrs.get("history") or []
     if history and all(isinstance(h.get("seconds"), (int, float)) for h in history):
@@ -128,6 +128,9 @@ def history_figure(trials: Sequence[FrozenTrial], spec: StudySpec):
         xs.append(max(t.number for t in done))
         ys.append(best)
         ax.step(xs, ys, where="post", color=BEST, label="best so far")
+        top = ranked(complete, spec)[0]
+        ax.plot([top.number], [top.value], linestyle="none", marker="*", markersize=16, color=BEST,
+                markeredgecolor="black", markeredgewidth=0.6, zorder=5, label=f"best: #{top.number}")
     _integer_ticks(ax.xaxis, 0, max(t.number for t in done))
     ax.set_xlabel("trial number")
     ax.set_ylabel(_metric_label(spec))
@@ -192,9 +195,12 @@ def task_curves_figure(trials: Sequence[FrozenTrial], spec: StudySpec, top: int 
         _integer_ticks(ax.xaxis, 1, max(last, 1))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("dev score")
-    axes[0].legend(loc="best", fontsize="small", title=f"top {len(best)} trials", title_fontsize="small")
+    # one legend for all three panels (the same trials in the same colours), below them: it covers no curve
+    lines = axes[0].get_lines()
+    fig.legend(lines, [line.get_label() for line in lines], loc="lower center", ncol=len(lines), fontsize="small",
+               frameon=False, title=f"top {len(best)} trials", title_fontsize="small")
     fig.suptitle("Per-task dev scores of the best trials")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     return fig
 
 
@@ -279,14 +285,14 @@ def pareto_front(points: Sequence[tuple[float, float, Any]], maximize: bool = Tr
 
 
 def cost_figure(trials: Sequence[FrozenTrial], spec: StudySpec):
-    """What does each extra minute of training buy? Score against device-seconds per trial, Pareto front marked."""
+    """What does each extra minute of training buy? Score against wall-clock seconds per trial, Pareto front marked."""
     done = [t for t in finished(trials) if trial_seconds(t) is not None]
     if not done:
         raise NotDrawable("no finished trial recorded its epoch times")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=SIZE)
-    devices = {("cpu" if t.user_attrs.get("device", "cpu") == "cpu" else "gpu") for t in done}
-    unit = {frozenset({"cpu"}): "CPU-seconds", frozenset({"gpu"}): "GPU-seconds"}.get(frozenset(devices), "seconds")
+    devices = {("CPU" if t.user_attrs.get("device", "cpu") == "cpu" else "GPU") for t in done}
+    on = f" on {next(iter(devices))}" if len(devices) == 1 else ""
     for state, style, label in ((TrialState.COMPLETE, DOT, "complete"), (TrialState.PRUNED, CROSS, "pruned")):
         chosen = [t for t in done if t.state == state]
         ax.plot([trial_seconds(t) for t in chosen], [score(t) for t in chosen], **style, alpha=0.85, label=label)
@@ -299,9 +305,10 @@ def cost_figure(trials: Sequence[FrozenTrial], spec: StudySpec):
             markeredgewidth=1.5)
     for x, y, number in front:
         ax.annotate(f"#{number}", (x, y), textcoords="offset points", xytext=(6, 6), fontsize="small", color=BEST)
-    ax.set_xlabel(f"{unit} per trial (training and dev evaluation, all its epochs)")
+    # what trial_seconds sums: each epoch's wall-clock seconds, not processor time summed over cores
+    ax.set_xlabel(f"wall-clock seconds per trial{on} (sum of its epochs: training and dev evaluation)")
     ax.set_ylabel(_metric_label(spec))
-    ax.set_title(f"What does more training time buy? {spec.metric} against {unit} per trial")
+    ax.set_title(f"What does more training time buy? {spec.metric} against wall-clock seconds per trial")
     ax.legend(loc="lower right", fontsize="small")
     ax.grid(alpha=0.3)
     ax.set_xlim(0, max(trial_seconds(t) for t in done) * 1.12)  # room for the last front label

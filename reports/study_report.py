@@ -19,8 +19,8 @@ import storage as storage_lib
 from mtbert.tasks import SCORE_NAMES
 from service.confirm import report_markdown as confirmation_section
 from service.progress import planned_epochs
-from service.study import recorded_budget
-from service.ranking import best_trial, leaderboard
+from service.study import recorded_budget, study_option
+from service.ranking import best_trial, leaderboard, tally_text
 from service.markdown import markdown_table, number
 from studies import StudySpec
 
@@ -58,7 +58,6 @@ def write_report(study: optuna.Study, spec: StudySpec, out_dir: Path, storage_ur
     ]
     path = out_dir / "report.md"
     path.write_text("\n\n".join(s for s in sections if s) + "\n")
-    logger.info("report written to %s", path)
     return path
 
 
@@ -75,9 +74,8 @@ def header(study: optuna.Study, spec: StudySpec, trials: list[FrozenTrial], stor
         f"- storage: `{storage_lib.redact(storage_url)}`",
         f"- objective: {spec.direction} `{spec.metric}` on dev",
         f"- trials: {finished} finished of a budget of {recorded_budget(study.user_attrs) or spec.n_trials}: "
-        f"{count[TrialState.COMPLETE]} complete, {count[TrialState.PRUNED]} pruned, {count[TrialState.FAIL]} failed, "
-        f"{count[TrialState.RUNNING]} running",
-        f"- browse every trial: `python search.py --study {spec.name} --dashboard`",
+        f"{tally_text(trials, prose=True)}",
+        f"- browse every trial: `python search.py {study_option(spec)} --dashboard`",
     ]
     return "\n".join(lines)
 

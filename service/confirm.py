@@ -36,8 +36,8 @@ from storage import optuna_compat
 from service.markdown import markdown_table, number
 from service.ranking import best_trial, ranked_complete
 from service.stats import PairedComparison, mean_sd, paired_t, verdict
-from service.study import (FINISHED, open_study, override_argv, recorded_spec, study_uuid, trial_config,
-                           trial_counts)
+from service.study import (FINISHED, open_study, override_argv, recorded_spec, study_option, study_uuid,
+                           trial_config, trial_counts)
 from studies import StudySpec, load_spec, spec_from_dict
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def create(parent: optuna.Study, spec: StudySpec, url: str | None, request: Requ
     if finished < spec.n_trials or counts[TrialState.RUNNING]:
         raise ConfirmError(f"study {spec.name} has {finished} of {spec.n_trials} trials finished and "
                            f"{counts[TrialState.RUNNING]} running: its search must finish before a confirmation "
-                           f"(python search.py --study {spec.name})")
+                           f"(python search.py {study_option(spec)})")
     ranked = distinct_configurations(ranked_complete(parent, spec))
     if not ranked:
         raise ConfirmError(f"study {spec.name} has no complete trial to confirm")
@@ -225,17 +225,19 @@ def _save_study_note(study: optuna.Study, plan: dict[str, Any]) -> None:
 def open_confirmation(study_arg: str, url: str | None, args: argparse.Namespace,
                       seed: int | None = None) -> tuple[StudySpec, optuna.Study]:
     """What `worker.py --study X:confirm` joins: the spec recorded on X:confirm and the study."""
-    given = override_argv(args, skip=("data_dir",))[::2]  # the flags; data: where this node has it
+    given = override_argv(args, skip=("data_dir", "study_name"))[::2]  # the flags; data: where this node has it
     if given:
         raise ConfirmError(f"{' '.join(given)}: a confirmation re-trains the recorded configurations of its "
                            f"parent trials; overrides do not apply")
     parent = load_spec(study_arg[: -len(SUFFIX)])
+    if getattr(args, "study_name", None):  # the parent study's storage name (search.py --study-name)
+        parent = parent.renamed(args.study_name)
     name = confirmation_name(parent.name)
     try:
         recorded = optuna.load_study(study_name=name, storage=storage_lib.open_storage(url, heartbeat=False))
     except KeyError:
         raise ConfirmError(f"no study {name!r} in {storage_lib.redact(storage_lib.resolve_url(url))} (python "
-                           f"search.py --study {parent.name} --confirm K --seeds N creates it)") from None
+                           f"search.py {study_option(parent)} --confirm K --seeds N creates it)") from None
     if "confirm" not in recorded.user_attrs:
         raise ConfirmError(f"study {name!r} has no confirmation plan (not made by search.py --confirm)")
     spec = spec_from_dict(recorded.user_attrs["spec"])

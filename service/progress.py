@@ -22,7 +22,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 import storage as storage_lib
 from mtbert.tasks import SCORE_NAMES, TASK_METRICS
-from service.ranking import best_trial, leaderboard
+from storage.optuna_compat import handed_back
+from service.ranking import best_trial, leaderboard, resume_text, tally_text
 from service.study import FINISHED
 from studies import StudySpec
 
@@ -126,6 +127,8 @@ class TrialEvents:
             if self._note_best(trial):
                 return f"trial {n} complete: {metric} {trial.value:.4f} (best so far)"
             return f"trial {n} complete: {metric} {trial.value:.4f} (best: #{self.best[0]} {self.best[1]:.4f})"
+        if handed_back(trial):
+            return f"trial {n} stopped: handed back, {resume_text([trial])}"
         reason = trial.user_attrs.get("fail_reason") or "no reason recorded"
         return f"trial {n} failed: {reason}"
 
@@ -208,10 +211,11 @@ def progress_text(study: optuna.Study, spec: StudySpec, counts: Counter,
     trials: the snapshot `counts` was taken from, where the caller has it (it is not read again); None
     reads the complete trials from the storage.
     """
+    if trials is None:
+        trials = study.get_trials(deepcopy=False)
     best = best_trial(study, spec, trials)
     best_text = f"best {best.value:.4f} (#{best.number})" if best else "best -"
-    return (f"complete {counts[TrialState.COMPLETE]} pruned {counts[TrialState.PRUNED]} "
-            f"failed {counts[TrialState.FAIL]} running {counts[TrialState.RUNNING]} | {best_text}")
+    return f"{tally_text(trials)} | {best_text}"
 
 
 def print_summary(study: optuna.Study, spec: StudySpec, top: int = 10) -> pd.DataFrame:

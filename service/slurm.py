@@ -51,7 +51,7 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
     """search.py's --launcher and the options of the SLURM launcher."""
     parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
                         help="local: worker processes on this machine; slurm: one job array, one task per "
-                             "worker (needs PostgreSQL; see README 'SLURM') (default: local)")
+                             "worker (needs PostgreSQL; see docs/slurm.md) (default: local)")
     group = parser.add_argument_group("--launcher slurm")
     group.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default)")
     group.add_argument("--time", default=None, help="time limit per task, e.g. 12:00:00 (default: the partition's)")
@@ -406,7 +406,8 @@ def run_array(study_arg: str, study: optuna.Study, spec: StudySpec, url: str, ar
                                ", ".join(f"{job.job_id}_{i}" for i in job.active()))
     except KeyboardInterrupt:
         storage_option = f" --storage-file {args.storage_file}" if getattr(args, "storage_file", None) else ""
-        _on_interrupt(job, f"python search.py --study {study_arg} --status{storage_option}")
+        named = f" --study-name {args.study_name}" if getattr(args, "study_name", None) else ""
+        _on_interrupt(job, f"python search.py --study {study_arg}{named} --status{storage_option}")
         return 130
     except SlurmError as exc:
         logger.error("%s", exc)

@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 import storage as storage_lib
 from storage import optuna_compat
 from studies import StudySpec, StudySpecError, load_spec
-from studies.spec import OVERRIDES, override_flag, spec_differences
+from studies.spec import OVERRIDES, _display, override_flag, spec_differences
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 STUDY_UUID_ATTR = "study_uuid"
@@ -51,6 +51,8 @@ def override_argv(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list[
         value = getattr(args, name, None)
         if value is not None and name not in skip:
             argv += [override_flag(name), str(value)]
+    if getattr(args, "study_name", None) and "study_name" not in skip:
+        argv += ["--study-name", args.study_name]
     return argv
 
 
@@ -76,6 +78,10 @@ SEED = bounded(int, 0, 2**31 - 1)  # numpy's and Optuna's samplers take 0 .. 2**
 
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:
     """The study-file overrides shared by worker.py and search.py."""
+    parser.add_argument("--study-name", metavar="NAME",
+                        help="the study's name in the storage (default: the study file's name); a smoke test "
+                             "with --epochs/--max-examples and the real run of the same file live side by side "
+                             "under two names, e.g. --study-name lr_dropout-smoke")
     group = parser.add_argument_group("overrides of the study file, recorded on the study")
     group.add_argument("--n-trials", type=int,
                        help="global budget of finished (complete or pruned) trials (default: the study file's)")
@@ -121,8 +127,11 @@ def absolute_path(text: str) -> str:
 
 
 def load_study_spec(name: str, args: argparse.Namespace) -> tuple[StudySpec, dict[str, Any]]:
-    """The study file with this command line's overrides applied, and the overrides given."""
-    return load_spec(name).with_overrides(**{k: getattr(args, k) for k in OVERRIDE_FLAGS})
+    """The study file with this command line's overrides applied (and its --study-name), and the overrides given."""
+    spec, given = load_spec(name).with_overrides(**{k: getattr(args, k) for k in OVERRIDE_FLAGS})
+    if getattr(args, "study_name", None):
+        spec = spec.renamed(args.study_name)
+    return spec, given
 
 
 def open_study(spec: StudySpec, url: str | None, overrides: dict[str, Any], seed: int | None = None,
@@ -145,9 +154,9 @@ def open_study(spec: StudySpec, url: str | None, overrides: dict[str, Any], seed
     else:
         differences = spec_differences(attrs["spec"], spec, overrides)
         if differences:
-            raise StudyMismatch(f"{spec.path}: differs from study {spec.name!r} in {storage_lib.redact(storage_lib.resolve_url(url))} "
-                                f"in what changes results: {'; '.join(differences)} (restore these values, or "
-                                f"copy the file under a new name for a new study)")
+            raise StudyMismatch(f"{_display(spec.path)}: differs from study {spec.name!r} in "
+                                f"{storage_lib.redact(storage_lib.resolve_url(url))} in what changes results: "
+                                f"{'; '.join(differences)}. {mismatch_advice(attrs['spec'], spec, overrides, role)}")
     study_uuid(study)  # recorded now, before anything of the study is written to disk
     check_data(study, spec)
     record = dict(overrides)
@@ -157,6 +166,56 @@ def open_study(spec: StudySpec, url: str | None, overrides: dict[str, Any], seed
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         study.set_user_attr(f"overrides {stamp} {role}@{socket.gethostname()}:{os.getpid()}", record)
     return study
+
+
+def spec_file(spec: StudySpec) -> str:
+    """How a command names the study file: its name when it is in studies/, else its path."""
+    from studies.spec import STUDIES_DIR
+
+    path = Path(spec.path)
+    return path.stem if path.parent.resolve() == STUDIES_DIR.resolve() else str(path)
+
+
+def study_option(spec: StudySpec) -> str:
+    """`--study lr_dropout` (and `--study-name NAME` where the study's storage name is not its file's): what
+    a printed command needs to reach this study."""
+    named = f" --study-name {spec.name}" if spec.name != Path(spec.path).stem else ""
+    return f"--study {spec_file(spec)}{named}"
+
+
+def mismatch_advice(recorded: dict[str, Any], spec: StudySpec, overrides: dict[str, Any], role: str) -> str:
+    """The exact commands that continue the recorded study (its overrides given again) and that start a
+    new study beside it (--study-name): usually a smoke test's flags changed the values, not an edit of the file."""
+    from studies.spec import _normal, _result_fields
+
+    old, new = _result_fields(recorded), _result_fields(spec.to_dict())
+    changed = {k for k in old.keys() | new.keys() if _normal(old.get(k)) != _normal(new.get(k))}
+    flags = {key: name for name, key in OVERRIDES.items() if name not in ("n_trials", "data_dir")}  # spec key -> flag
+    base = f"python {'search.py' if role == 'search' else 'worker.py'} --study {spec_file(spec)}"
+    named = f" --study-name {spec.name}" if spec.name != Path(spec.path).stem else ""
+    suffix = "-".join(f"{k.replace('_', '')}{v}" for k, v in overrides.items() if k in ("epochs", "max_examples"))
+    beside = f"{spec.name}-{suffix or 'full'}"
+    new_study = f"start a new study beside it: {base}{override_text(overrides)} --study-name {beside}"
+    if changed - set(flags):  # the file itself was edited: no flag restores it
+        return f"Restore these values in the file to continue it, or {new_study}"
+    try:  # what the file itself says: a value it already has needs no flag
+        in_file = _result_fields(load_spec(spec.path).to_dict())
+    except StudySpecError:
+        in_file = {}
+    restore = ""
+    for key in sorted(changed):
+        if key in in_file and _normal(in_file[key]) == _normal(old.get(key)) or key not in in_file and key not in old:
+            continue
+        value = old.get(key, 0 if flags[key] == "max_examples" else None)  # max_examples not set = 0 (all)
+        if value is None:
+            return f"To {new_study}"
+        restore += f" {override_flag(flags[key])} {value}"
+    return f"To continue it: {base}{restore}{named}; to {new_study}"
+
+
+def override_text(overrides: dict[str, Any]) -> str:
+    """` --epochs 2 --max-examples 200`: the given result-changing overrides as flags."""
+    return "".join(f" {override_flag(k)} {v}" for k, v in overrides.items() if k not in ("n_trials", "data_dir"))
 
 
 # ------------------------------------------------------------ identity

@@ -24,9 +24,10 @@ from urllib.parse import quote, unquote
 
 import optuna
 import sqlalchemy
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from sqlalchemy.engine import URL, make_url
 
+from storage import optuna_compat
 from storage.optuna_compat import RDB_DATABASE_METHODS
 
 __all__ = [
@@ -58,7 +59,9 @@ __all__ = [
 
 logger = logging.getLogger("storage")
 
-STORAGE_DIR: Path = Path(__file__).resolve().parent
+# the default SQLite file, worker logs, trials CSVs, artifacts and checkpoints: storage/, or $MTBERT_STORAGE_DIR
+# (the test suite points it at a temporary folder, so that it never writes into a user's storage/)
+STORAGE_DIR: Path = Path(os.environ.get("MTBERT_STORAGE_DIR") or Path(__file__).resolve().parent).expanduser().resolve()
 DEFAULT_URL: str = f"sqlite:///{STORAGE_DIR / 'mtbert.db'}"
 
 
@@ -89,7 +92,24 @@ def resolve_url(url: str | None = None, url_file: str | os.PathLike | None = Non
     url = (url or "").strip() or DEFAULT_URL  # a pasted URL's stray blank or newline
     if "://" not in url and url.endswith(".db"):
         url = f"sqlite:///{url}"
+    if problem := url_problem(url):
+        raise StorageUnavailable(problem)
     return _absolute_sqlite(url, base or Path.cwd())
+
+
+def url_problem(url: str) -> str | None:
+    """A storage URL that SQLAlchemy would refuse, or read as another database than meant, in one line
+    saying what to write instead; None for any other URL (the driver reports the rest)."""
+    scheme = url.partition("://")[0].lower()
+    if scheme == "postgres" or scheme.startswith("postgres+"):  # Heroku's and libpq's spelling
+        fixed = "postgresql" + url[len("postgres"):]
+        return f"storage {redact(url)}: SQLAlchemy knows this scheme as postgresql://, not postgres:// (use {redact(fixed)})"
+    u = _parse(url)
+    if u is not None and u.get_backend_name() == "sqlite" and u.host:  # sqlite://storage/x.db: "storage" is a host
+        path = f"{u.host}/{u.database}" if u.database else u.host
+        return (f"storage {url}: a SQLite URL has no host; write sqlite:///{path} (three slashes: relative to this "
+                f"folder) or sqlite:////absolute/path.db (four)")
+    return None
 
 
 def _absolute_sqlite(url: str, base: Path) -> str:
@@ -589,7 +609,7 @@ def open_storage(url: str | None = None, *, heartbeat: bool = True, create: bool
             if settings is not None:
                 interval, grace, max_retry = settings
                 kwargs.update(heartbeat_interval=interval, grace_period=grace,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                              heartbeat_stale_trial_callback=optuna_compat.CrashRetryCallback(
                                   max_retry=max_retry, inherit_intermediate_values=True))
             storage = RetryingRDBStorage(url, **kwargs)
     except Exception as exc:  # noqa: BLE001 - whatever the driver raises, the user gets one line

@@ -89,3 +89,44 @@ def adopt_unbeaten_trials(study: optuna.Study) -> list[int]:
     for trial_id_ in unbeaten:
         rdb.record_heartbeat(trial_id_)
     return unbeaten
+
+
+# ------------------------------------------------------------ hand-backs are not failures
+
+HANDBACKS_ATTR = "mtbert_handbacks"  # system attr: numbers of the trials of a retry chain that were handed back
+
+
+def mark_handed_back(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Record on the running trial that its worker hands it back (SIGTERM/SIGINT), not that it crashed.
+    A system attr (the dashboard cannot write those); Optuna copies it into the retry, so the chain carries it."""
+    frozen = study_storage(study).get_trial(trial_id(trial))
+    numbers = [*frozen.system_attrs.get(HANDBACKS_ATTR, []), trial.number]
+    study_storage(study).set_trial_system_attr(trial_id(trial), HANDBACKS_ATTR, numbers)
+
+
+def handed_back(trial: optuna.trial.FrozenTrial) -> bool:
+    """A FAIL trial whose worker handed it back (stopped by a signal), rather than one that crashed."""
+    return trial.number in trial.system_attrs.get(HANDBACKS_ATTR, [])
+
+
+def resumes_hand_back(trial: optuna.trial.FrozenTrial) -> bool:
+    """A retry (WAITING, or later) of a trial that was handed back."""
+    history = RetryHeartbeatStaleTrialCallback.retry_history(trial)
+    return bool(history) and history[-1] in trial.system_attrs.get(HANDBACKS_ATTR, [])
+
+
+class CrashRetryCallback(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a failed trial, where `max_retry` counts only crashes (a dead worker, a failure):
+    a graceful hand-back (a preemption's SIGTERM, Ctrl-C) is not one, so a trial preempted any number of
+    times keeps its checkpointed epochs. Optuna's own callback counts every attempt of the chain."""
+
+    def __init__(self, max_retry: int | None = None, inherit_intermediate_values: bool = False) -> None:
+        super().__init__(max_retry=None, inherit_intermediate_values=inherit_intermediate_values)
+        self.max_crashes = max_retry
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        attempts = len(RetryHeartbeatStaleTrialCallback.retry_history(trial)) + 1
+        crashes = attempts - len(trial.system_attrs.get(HANDBACKS_ATTR, []))
+        if self.max_crashes is not None and crashes > self.max_crashes:
+            return
+        super().__call__(study, trial)

@@ -210,6 +210,11 @@ class StudySpec:
             (raw[section] if section else raw)[field_name] = value
         return _Loader(self.path).parse(raw, self.name), given
 
+    def renamed(self, name: str) -> StudySpec:
+        """The same study under another storage name (--study-name), validated like a file's name."""
+        raw = {k: v for k, v in self.to_dict().items() if k not in ("name", "path")}
+        return _Loader(self.path).parse(raw, name)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable: the TOML layout plus name and path, for recording on the study."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -297,7 +302,7 @@ class _Loader:
         reference = self.reference(raw.get("reference", {}), space, grid is not None)
         name = name or self.path.stem
         if not re.fullmatch(r"\w[\w.-]{0,99}(:confirm)?", name):  # X:confirm: a confirmation (service.confirm)
-            self.fail("name", f"{name!r}: a study's name (its file's name) must be letters, digits, '_', '-' or "
+            self.fail("name", f"{name!r}: a study's name (its file's name or --study-name) must be letters, digits, '_', '-' or "
                               f"'.', not starting with '.' or '-': it names the study's folders and logs")
         spec = StudySpec(name, self.path, raw.get("description", ""),
                          self.choice("direction", raw.get("direction"), DIRECTIONS),
@@ -565,7 +570,8 @@ def load_spec(name_or_path: str | Path) -> StudySpec:
     path = STUDIES_DIR / f"{text}.toml" if by_name else Path(name_or_path)
     if by_name and not path.is_file():
         raise StudySpecError(f"{_display(path)}: study: unknown study {text!r} "
-                             f"(available: {', '.join(list_studies()) or 'none'})")
+                             f"(available: {', '.join(list_studies()) or 'none'}; a study started with --study-name: its "
+                             f"file with --study, its name with --study-name)")
     if not path.is_file():
         raise StudySpecError(f"{_display(path)}: file: not found")
     try:

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Set before any test imports storage (whose STORAGE_DIR reads it) and inherited by every search.py and
+# worker.py a test starts: worker logs, trials CSVs and reports go to a temporary folder, never into the
+# user's storage/ and reports/.
+_OUTPUTS = Path(tempfile.mkdtemp(prefix="mtbert-tests-"))
+os.environ["MTBERT_STORAGE_DIR"] = str(_OUTPUTS / "storage")
+os.environ["MTBERT_REPORTS_DIR"] = str(_OUTPUTS / "reports")
+atexit.register(shutil.rmtree, _OUTPUTS, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------
@@ -130,5 +141,5 @@ def real_data_dir() -> Path:
         if os.environ.get("CI") == "true":
             pytest.fail(f"the shared data set is missing at {folder}", pytrace=False)
         pytest.skip(f"real-data tests skipped: no CS224N data at {folder} (set MTBERT_DATA_DIR to the full data "
-                    f"folder, see README's Data section)")
+                    f"folder, see docs/data.md)")
     return folder

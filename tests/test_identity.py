@@ -217,7 +217,7 @@ def test_sigterm_during_a_checkpoint_write_keeps_the_epoch_and_no_temp_file(tmp_
     assert proc.returncode == 0 and "Traceback" not in out, out
     study = load(url, "sig")
     first = study.trials[0]
-    assert first.state == TrialState.FAIL and first.user_attrs["fail_reason"] == "worker stopped by a signal; retried"
+    assert first.state == TrialState.FAIL and first.user_attrs["fail_reason"].startswith("stopped by a signal; will ")
     assert [t.state for t in study.trials[1:]] == [TrialState.WAITING]  # queued for retry
     folder = Path(first.user_attrs["checkpoint"])
     assert torch.load(folder / "checkpoint.pt", weights_only=True)["epoch"] == 1  # the epoch was not lost
@@ -437,11 +437,11 @@ def test_a_completed_retry_does_not_show_the_old_fail_reason(tmp_path, tiny_mode
     study, run_worker = handed_back_after_one_epoch(tmp_path, tiny_model, tiny_data, monkeypatch)
     run_worker()
     first, retry = study.trials
-    assert first.state == TrialState.FAIL and first.user_attrs["fail_reason"] == "worker stopped by a signal; retried"
+    assert first.state == TrialState.FAIL and first.user_attrs["fail_reason"] == "stopped by a signal; will resume from epoch 1"
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] == 1
     assert retry.user_attrs.get("fail_reason") is None
     assert retry.user_attrs["retry_of"] == 0
-    assert retry.user_attrs["previous_fail_reasons"] == [{"trial": 0, "reason": "worker stopped by a signal; retried"}]
+    assert retry.user_attrs["previous_fail_reasons"] == [{"trial": 0, "reason": "stopped by a signal; will resume from epoch 1"}]
 
 
 def test_a_retry_whose_checkpoint_is_damaged_restarts_from_scratch(tmp_path, tiny_model, tiny_data, monkeypatch):

@@ -105,12 +105,14 @@ def test_history_has_integer_trial_ticks_both_states_and_a_best_so_far_line(tmp_
     fig = plots.history_figure(numbered(TRIALS), SPEC)
     (ax,) = fig.axes
     assert integer_ticks(ax) == [0, 1, 2, 3, 4]
-    dots, crosses, best = ax.lines
+    dots, crosses, best, star = ax.lines
     assert list(dots.get_xdata()) == [0, 3, 4] and dots.get_marker() == "o"
     assert list(crosses.get_xdata()) == [1, 2] and list(crosses.get_ydata()) == [0.40, 0.47]
     assert crosses.get_marker() == "x"
     assert list(best.get_ydata()) == [0.58, 0.64, 0.64, 0.64]  # never decreases
-    assert legend_texts(ax) == ["complete", "pruned (value at its last epoch)", "best so far"]
+    # the best trial itself is marked red, as the report's conventions say
+    assert list(star.get_xdata()) == [3] and star.get_marker() == "*" and line_color(star) == to_rgb(plots.BEST)
+    assert legend_texts(ax) == ["complete", "pruned (value at its last epoch)", "best so far", "best: #3"]
     saved_image(fig, tmp_path / "history.png")
 
 
@@ -137,7 +139,10 @@ def test_task_curves_show_each_task_for_the_top_trials(tmp_path):
         assert len(ax.lines) == 3  # the three complete trials, pruned ones never
     sts = fig.axes[2]
     assert list(sts.lines[0].get_ydata()) == pytest.approx([0.70, 0.76, 0.79])  # the best trial (#3) first
-    assert legend_texts(fig.axes[0]) == ["#3 (overall 0.640)", "#4 (overall 0.600)", "#0 (overall 0.580)"]
+    # one legend for the three panels, outside every panel (it covered curves of the first one)
+    assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["#3 (overall 0.640)", "#4 (overall 0.600)",
+                                                                  "#0 (overall 0.580)"]
     saved_image(fig, tmp_path / "tasks.png")
 
 
@@ -147,10 +152,12 @@ def test_pareto_front_keeps_only_trials_nothing_beats_with_less_time():
     assert [p[2] for p in plots.pareto_front(points, maximize=False)] == [4, 1]
 
 
-def test_cost_plot_marks_the_pareto_front_in_cpu_seconds(tmp_path):
+def test_cost_plot_marks_the_pareto_front_in_wall_clock_seconds(tmp_path):
     fig = plots.cost_figure(numbered(TRIALS), SPEC)
     (ax,) = fig.axes
-    assert ax.get_xlabel().startswith("CPU-seconds per trial")
+    # the seconds are each epoch's wall clock, summed: not "CPU-seconds" (processor time over all cores)
+    assert ax.get_xlabel().startswith("wall-clock seconds per trial on CPU (sum of its epochs")
+    assert "CPU-seconds" not in ax.get_xlabel() + ax.get_title()
     # seconds per trial: 3 x 20, 15, 2 x 25, 3 x 30, 3 x 10; over complete trials the front is #4 (30 s, 0.60)
     # then #3 (90 s, 0.64): #0 (60 s, 0.58) is beaten by #4, and pruned #1 (15 s) is context, not a choice
     front = [line for line in ax.lines if line.get_label() == "Pareto front (complete trials)"]
@@ -158,7 +165,7 @@ def test_cost_plot_marks_the_pareto_front_in_cpu_seconds(tmp_path):
     assert sorted(t.get_text() for t in ax.texts) == ["#3", "#4"]
     assert legend_texts(ax) == ["complete", "pruned", "Pareto front (complete trials)"]
     gpu = [trial(TrialState.COMPLETE, [0.5, 0.6, 0.7], 1e-5, device="NVIDIA H200")]
-    assert plots.cost_figure(numbered(gpu), SPEC).axes[0].get_xlabel().startswith("GPU-seconds per trial")
+    assert plots.cost_figure(numbered(gpu), SPEC).axes[0].get_xlabel().startswith("wall-clock seconds per trial on GPU")
     pixels = saved_image(fig, tmp_path / "cost.png")
     assert has_color(pixels, plots.BEST)
 

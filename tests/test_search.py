@@ -259,8 +259,10 @@ def test_missing_data_is_one_clear_error_and_no_failed_trial(tmp_path, tiny_mode
     proc = start_worker(study_file, url, env)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 2
-    assert "no-such-folder/ids-sst-train.csv: file not found" in out and "Traceback" not in out
-    assert load(url, "nodata").trials == []
+    assert f"no CS224N data in {tmp_path / 'no-such-folder'} (no such folder): pass --data-dir DIR or set " \
+           f"MTBERT_DATA_DIR=DIR" in out and "Traceback" not in out
+    with pytest.raises(KeyError):  # no empty study left behind
+        load(url, "nodata")
 
 
 def test_dashboard_on_a_taken_port_is_one_clear_error(tmp_path):

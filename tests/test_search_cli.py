@@ -18,6 +18,7 @@ from service.progress import last_error_line
 from service.study import open_study
 from studies import load_spec
 from test_search import write_study
+from tiny import write_data
 
 ROOT = Path(__file__).resolve().parents[1]
 STAMP = r"\d\d:\d\d:\d\d "  # each event line starts with the time
@@ -66,10 +67,12 @@ def test_search_prints_one_line_per_event_then_a_rerun_says_the_budget_is_met(tm
 
 
 def test_search_exits_nonzero_and_prints_the_worker_s_error_when_its_workers_fail(tmp_path, tiny_model, env):
-    study_file = write_study(tmp_path, "broken", tiny_model, tmp_path / "no-such-folder", n_trials=2, epochs=1)
+    data = write_data(tmp_path / "broken-data")
+    (data / "ids-sst-train.csv").write_text("no\tcolumns\there\n")  # there (search.py checks that), unreadable
+    study_file = write_study(tmp_path, "broken", tiny_model, data, n_trials=2, epochs=1)
     proc = search(study_file, f"sqlite:///{tmp_path / 'b.db'}", env, "--workers", "2", timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    error = "no-such-folder/ids-sst-train.csv: file not found"
+    error = r"broken-data/ids-sst-train\.csv: missing column"
     for i in (0, 1):
         assert re.search(rf"ERROR search: worker {i} exited with 2: .*{error}.* \(log: .*worker-{i}\.log\)",
                          proc.stderr), proc.stderr

@@ -336,7 +336,9 @@ def test_failing_tasks_are_reported_with_their_error_line(slurm, tmp_path, tiny_
     bad_file.chmod(0o600)
     study_file = write_study(tmp_path, "nodata", tiny_model, tmp_path / "no-such-folder", n_trials=2, epochs=1)
     out = tmp_path / "by-hand.out"
-    by_hand = subprocess.run(["sbatch", "--parsable", "--array=0", f"--output={out}", str(SCRIPT), "--study", str(study_file)],
+    # the task by hand has its data (a worker checks the data before it opens the storage): only the URL is bad
+    with_data = write_study(tmp_path, "nourl", tiny_model, write_data(tmp_path / "data"), n_trials=2, epochs=1)
+    by_hand = subprocess.run(["sbatch", "--parsable", "--array=0", f"--output={out}", str(SCRIPT), "--study", str(with_data)],
                              cwd=ROOT, env={**task_env, "MTBERT_STORAGE_FILE": str(bad_file)}, capture_output=True,
                              text=True, check=True).stdout.strip()
     proc = subprocess.run([sys.executable, "search.py", "--study", str(study_file), "--launcher", "slurm",
@@ -346,8 +348,8 @@ def test_failing_tasks_are_reported_with_their_error_line(slurm, tmp_path, tiny_
     assert proc.returncode == 1, proc.stderr
     job = proc.stderr.split("submitted job array ")[1].split(":")[0]
     for i in (0, 1):
-        assert (f"task {job}_{i} FAILED (exit 2): worker: {tmp_path}/no-such-folder/ids-sst-train.csv: "
-                "file not found") in proc.stderr
+        assert (f"task {job}_{i} FAILED (exit 2): worker: no CS224N data in {tmp_path}/no-such-folder (no such "
+                "folder): pass --data-dir DIR or set MTBERT_DATA_DIR=DIR") in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
 
     tasks = wait_until_done(by_hand, timeout=120)
