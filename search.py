@@ -256,7 +256,8 @@ def run(argv: list[str] | None = None) -> int:
                         help="pack several trials on each GPU (default: chosen from GPU memory and encoder size, "
                              "and logged; see service/launch.py default_workers_per_gpu)")
     parser.add_argument("--seed", type=SEED, default=None,
-                        help="sampler seed: worker i gets SEED + i (default: the study file's, else random)")
+                        help="the study's sampler seed, recorded when the study is created (default: the study file's, else "
+                             "random); trial k samples with a seed derived from it and k, whichever worker runs it")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--status", action="store_true", help="print progress and leaderboard; run nothing")
     mode.add_argument("--dashboard", action="store_true", help="start optuna-dashboard on the study's storage")
@@ -338,8 +339,6 @@ def run(argv: list[str] | None = None) -> int:
             print_summary(study, spec)
             confirm.print_confirmation(study)
             return 0
-        if args.seed is None and isinstance(spec.sampler.get("seed"), int):
-            args.seed = spec.sampler["seed"]  # worker i samples with seed + i: parallel workers never repeat each other
         stopped = False
         if finished < spec.n_trials:
             status, stopped = run_workers(args.study, study, spec, url, args)

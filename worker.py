@@ -343,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", type=bounded(int, 0), default=None, help="GPU index to train on (sets --device cuda:I)")
     parser.add_argument("--device", default=None,
                         help="'cpu', 'cuda', 'cuda:1', ... (default: the study file's, else GPU if any)")
-    parser.add_argument("--seed", type=SEED, default=None, help="sampler seed (default: the study file's, else random)")
+    parser.add_argument("--seed", type=SEED, default=None, help="the study's sampler seed if this worker creates the study (default: the "
+                        "study file's, else random); trial k samples with a seed derived from it and k")
     parser.add_argument("--max-failures", type=bounded(int, 1), default=3,
                         help="stop after this many failed trials in a row (default: 3)")
     parser.add_argument("--poll-seconds", type=bounded(float, 0.01, 3600), default=5.0,

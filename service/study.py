@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import socket
 import uuid
 import warnings
@@ -123,6 +124,7 @@ def open_study(spec: StudySpec, url: str | None, overrides: dict[str, Any], seed
                                 f"in what changes results: {'; '.join(differences)} (restore these values, or "
                                 f"copy the file under a new name for a new study)")
     study_uuid(study)  # recorded now, before anything of the study is written to disk
+    study.sampler = spec.trial_seeded_sampler(study_seed(study, spec, seed))
     check_data(study, spec)
     record = dict(overrides)
     if spec.n_trials != recorded_budget(study.user_attrs):
@@ -165,6 +167,30 @@ def study_uuid(study: optuna.Study, create: bool = True) -> str | None:
                                  "not a UUID; it names the study's folders on disk and must not be edited")
     _uuids[study] = value
     return value
+
+
+SEED_ATTR = "sampler_seed"  # study system attr: the seed every trial's draws derive from
+
+
+def study_seed(study: optuna.Study, spec: StudySpec, given: int | None = None) -> int:
+    """The study's sampler seed, recorded on it (system attribute `sampler_seed`) by its first opener:
+    `given` (--seed), else the file's [sampler].seed, else a random one. Trial k samples with a seed
+    derived from it and k (studies.TrialSeededSampler), so no process, restart or extra worker repeats a
+    draw. A later `given` that differs is ignored with a warning: the study's draws are already fixed."""
+    recorded = optuna_compat.study_system_attrs(study).get(SEED_ATTR)
+    if recorded is None:
+        with storage_lib.trial_slot_lock(optuna_compat.rdb_storage(study), study.study_name):
+            recorded = optuna_compat.study_system_attrs(study).get(SEED_ATTR)
+            if recorded is None:
+                recorded = given if given is not None else spec.sampler.get("seed")
+                if not isinstance(recorded, int):
+                    recorded = secrets.randbelow(2**31)
+                optuna_compat.set_study_system_attr(study, SEED_ATTR, int(recorded))
+                return int(recorded)
+    if given is not None and given != recorded:
+        logging.getLogger("study").warning("--seed %d ignored: study %s samples with its recorded seed %d (trial k "
+                                           "with a seed derived from it and k)", given, study.study_name, recorded)
+    return int(recorded)
 
 
 def study_key(study: optuna.Study) -> str:

@@ -60,3 +60,13 @@ def queue_retry(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
     callback = getattr(study_storage(study), "get_heartbeat_stale_trial_callback", lambda: None)()
     if callback is not None:
         callback(study, frozen)
+
+
+def study_system_attrs(study: optuna.Study) -> dict:
+    """The study's system attributes (Optuna deprecated Study.system_attrs; the storage keeps them)."""
+    return study_storage(study).get_study_system_attrs(study._study_id)
+
+
+def set_study_system_attr(study: optuna.Study, key: str, value) -> None:
+    """Record a study system attribute: what the service itself decided (seed, identity), not a user's note."""
+    study_storage(study).set_study_system_attr(study._study_id, key, value)
