@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import gc
 import logging
+import math
 import os
 import shutil
 import signal
@@ -49,6 +50,10 @@ logger = logging.getLogger("worker")
 # what one attempt of a trial writes about itself: a retry inherits the attempt's user attrs (Optuna
 # copies them), so it clears these when it starts, keeping the earlier reasons in `previous_fail_reasons`
 ATTEMPT_ATTRS = ("fail_reason", "resumed_from_epoch", "restarted_from_scratch")
+
+
+class NonFiniteScore(ValueError):
+    """A trial's dev score is NaN or infinite: it fails with this reason (Optuna refuses such a value)."""
 
 
 class WorkerInterrupted(BaseException):
@@ -230,6 +235,9 @@ class Worker:
 
         def on_epoch(result) -> None:
             value = result.metrics[self.spec.metric]
+            if not math.isfinite(value):  # a failed trial with its reason, before it reaches report/tell
+                raise NonFiniteScore(f"epoch {result.epoch}: {self.spec.metric} is {value} (training diverged: "
+                                     "lower the learning rate)")
             if result.resumed:
                 trial.set_user_attr("resumed_from_epoch", result.epoch)
             else:
