@@ -38,7 +38,7 @@ from service.launch import start_workers, stop_workers, worker_devices
 from service.progress import follow, print_summary, write_trials_csv
 from service.slurm import add_slurm_arguments, check_arguments, run_array
 from service.study import (FINISHED, OVERRIDE_FLAGS, SEED, StudyIdentityError, add_override_arguments, bounded,
-                           load_study_spec, open_study, storage_url, study_key, trial_counts)
+                           load_study_spec, open_study, storage_url, study_budget, study_key, trial_counts)
 from studies import StudySpec, StudySpecError
 
 logger = logging.getLogger("search")
@@ -362,7 +362,7 @@ def run(argv: list[str] | None = None) -> int:
     confirm.print_confirmation(study)
     if not df.empty and not args.status:
         print(f"\ntrials written to {write_trials_csv(df, study_key(study))}")
-        if sum(n for state, n in trial_counts(study).items() if state in FINISHED) >= spec.n_trials:
+        if sum(n for state, n in trial_counts(study).items() if state in FINISHED) >= study_budget(study, spec):
             write_study_report(study, spec, url, args.out)
     return status
 

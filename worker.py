@@ -41,7 +41,7 @@ from mtbert.tasks import SCORES
 from mtbert.config import device_problem
 from service import confirm
 from service.study import (FINISHED, SEED, StudyIdentityError, add_override_arguments, bounded, load_study_spec,
-                           open_study, run_id, storage_url, study_uuid, trial_counts, trial_dir, trial_root)
+                           open_study, run_id, storage_url, study_budget, study_uuid, trial_counts, trial_dir, trial_root)
 from storage import optuna_compat
 from studies import StudySpec, StudySpecError
 
@@ -97,7 +97,7 @@ class Worker:
         or an unloadable model is one error (mtbert's DataError / ModelLoadError) and no failed trials.
         """
         counts = trial_counts(self.study)
-        if sum(counts[s] for s in FINISHED) >= self.spec.n_trials:
+        if sum(counts[s] for s in FINISHED) >= study_budget(self.study, self.spec):
             return 0
         self.prepare()
         ran, failures = 0, 0
@@ -136,10 +136,10 @@ class Worker:
             counts = trial_counts(self.study)
             if self.confirmation is not None:  # exactly its enqueued trials (and their retries); never a new sample
                 return self.study.ask() if counts[TrialState.WAITING] else "wait" if counts[TrialState.RUNNING] else "done"
-            finished = sum(counts[s] for s in FINISHED)
-            if finished >= self.spec.n_trials:
+            finished, budget = sum(counts[s] for s in FINISHED), study_budget(self.study, self.spec)
+            if finished >= budget:  # the study's recorded budget, read now: an edit reaches every worker at once
                 return "done"
-            if finished + counts[TrialState.RUNNING] >= self.spec.n_trials:
+            if finished + counts[TrialState.RUNNING] >= budget:
                 return "wait"
             return self.study.ask()
 
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     logger.info("worker done: ran %d trial(s); study %s has %d complete, %d pruned, %d failed of %d", ran,
                 spec.name, counts[TrialState.COMPLETE], counts[TrialState.PRUNED], counts[TrialState.FAIL],
-                spec.n_trials)
+                study_budget(study, spec))
     return 1 if worker.gave_up else 0
 
 

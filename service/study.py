@@ -128,6 +128,7 @@ def open_study(spec: StudySpec, url: str | None, overrides: dict[str, Any], seed
     check_data(study, spec)
     record = dict(overrides)
     if spec.n_trials != recorded_budget(study.user_attrs):
+        check_budget(study, spec)
         record.setdefault("n_trials", spec.n_trials)  # a budget changed in the file is recorded like --n-trials
     if record:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -254,6 +255,22 @@ def recorded_budget(attrs: dict[str, Any]) -> int | None:
     given = [attrs[k]["n_trials"] for k in sorted(attrs)
              if k.startswith("overrides ") and isinstance(attrs[k], dict) and "n_trials" in attrs[k]]
     return given[-1] if given else (attrs.get("spec") or {}).get("n_trials")
+
+
+def study_budget(study: optuna.Study, spec: StudySpec) -> int:
+    """The one budget every worker and report goes by: the latest recorded on the study (a budget edited in
+    the file or given with --n-trials is recorded when a command opens the study), else the spec's."""
+    return recorded_budget(study.user_attrs) or spec.n_trials
+
+
+def check_budget(study: optuna.Study, spec: StudySpec) -> None:
+    """A new budget must leave room for the trials already finished or running: a lower one is refused
+    (it could only be overshot, and a report would read "5 finished of a budget of 2")."""
+    counts = trial_counts(study)
+    finished, running = sum(counts[s] for s in FINISHED), counts[TrialState.RUNNING]
+    if spec.n_trials < finished + running:
+        raise StudyMismatch(f"{spec.path}: n_trials: {spec.n_trials} is below the {finished} finished and {running} "
+                            f"running trials of study {study.study_name!r}: give at least {finished + running}")
 
 
 def trial_counts(study: optuna.Study) -> Counter:
