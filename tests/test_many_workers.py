@@ -104,3 +104,63 @@ def test_a_budget_edited_mid_run_is_one_budget_for_every_worker(tmp_path, tiny_m
         open_study(spec1, url, {})
     report = write_report(study, spec4, tmp_path / "report", url).read_text()
     assert "2 finished of a budget of 2" in report
+
+
+# ------------------------------------------------------------ staleness on one clock
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_beating_trial_of_a_skewed_clock_is_never_stale_on_sqlite(tmp_path, monkeypatch):
+    """SQLite: a worker whose clock is 10 min slow writes heartbeats that look 10 min old to everyone else's
+    clock (and a judge 10 min fast sees everyone's that way). While they keep changing the trial is alive;
+    once they stop it is failed after the grace period (issue 17, finding 2)."""
+    import sqlite3
+    import threading
+    from datetime import datetime, timedelta
+
+    from optuna.storages import fail_stale_trials
+
+    from storage import optuna_compat
+
+    monkeypatch.setenv("MTBERT_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("MTBERT_HEARTBEAT_GRACE", "2")
+    db = tmp_path / "skew.db"
+    study = optuna.create_study(study_name="skew", storage=storage_lib.open_storage(f"sqlite:///{db}"))
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    optuna_compat.rdb_storage(study).record_heartbeat(optuna_compat.trial_id(trial))
+    stop = threading.Event()
+
+    def skewed_worker() -> None:  # beats as a worker 10 minutes behind would: an old but changing time
+        with sqlite3.connect(db, timeout=30) as conn:
+            while not stop.is_set():
+                beat = (datetime.utcnow() - timedelta(minutes=10)).strftime("%Y-%m-%d %H:%M:%S.%f")
+                conn.execute("UPDATE trial_heartbeats SET heartbeat = ? WHERE trial_id = ?",
+                             (beat, optuna_compat.trial_id(trial)))
+                conn.commit()
+                stop.wait(0.5)
+
+    beating = threading.Thread(target=skewed_worker, daemon=True)
+    beating.start()
+    try:
+        for _ in range(10):  # 5 s: more than twice the grace
+            fail_stale_trials(study)
+            assert study.trials[0].state == TrialState.RUNNING
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        beating.join()
+    deadline = time.monotonic() + 10
+    while study.trials[0].state == TrialState.RUNNING and time.monotonic() < deadline:
+        fail_stale_trials(study)  # the worker died: its unchanging heartbeat is stale after the grace
+        time.sleep(0.5)
+    assert study.trials[0].state == TrialState.FAIL
+
+
+def test_postgresql_sessions_are_pinned_to_utc(clean_pg_url, monkeypatch):
+    """A worker under PGTZ=Asia/Tokyo stores and reads heartbeats in UTC, as every other worker does."""
+    import sqlalchemy
+
+    monkeypatch.setenv("PGTZ", "Asia/Tokyo")
+    rdb = storage_lib.open_storage(clean_pg_url)
+    with rdb.engine.connect() as conn:
+        assert conn.execute(sqlalchemy.text("SHOW TIME ZONE")).scalar() == "UTC"
