@@ -41,7 +41,8 @@ from mtbert.tasks import SCORES
 from mtbert.config import device_problem
 from service import confirm
 from service.study import (FINISHED, SEED, StudyIdentityError, add_override_arguments, bounded, load_study_spec,
-                           open_study, run_id, storage_url, study_budget, study_uuid, trial_counts, trial_dir, trial_root)
+                           open_study, run_id, storage_url, study_budget, study_uuid, trial_counts, trial_dir,
+                           trial_identity, trial_root)
 from storage import optuna_compat
 from studies import StudySpec, StudySpecError
 
@@ -228,6 +229,7 @@ class Worker:
         trial.set_user_attr("device", device_name(cfg.device))
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("config", cfg.to_dict())
+        optuna_compat.set_trial_system_attr(self.study, trial, "identity", trial_identity(cfg))  # by content
         trial.set_user_attr("data_dir", os.path.abspath(resolve_data_dir(cfg.data_dir)))  # what the report reruns on
         epoch_seconds: list[float] = []
         per_epoch: list[dict[str, Any]] = []  # user attr `history`: the dashboard note's rows

@@ -83,3 +83,8 @@ def running_heartbeats(storage: RDBStorage, study_id: int) -> dict[int, object]:
         rows = (session.query(beat.trial_id, beat.heartbeat).join(trial, trial.trial_id == beat.trial_id)
                 .filter(trial.study_id == study_id, trial.state == TrialState.RUNNING).all())
     return {int(trial_id): value for trial_id, value in rows}
+
+
+def set_trial_system_attr(study: optuna.Study, trial: optuna.Trial, key: str, value) -> None:
+    """Record a trial system attribute (Optuna deprecated Trial.set_system_attr)."""
+    study_storage(study).set_trial_system_attr(trial_id(trial), key, value)

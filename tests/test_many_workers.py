@@ -164,3 +164,93 @@ def test_postgresql_sessions_are_pinned_to_utc(clean_pg_url, monkeypatch):
     rdb = storage_lib.open_storage(clean_pg_url)
     with rdb.engine.connect() as conn:
         assert conn.execute(sqlalchemy.text("SHOW TIME ZONE")).scalar() == "UTC"
+
+
+# ------------------------------------------------------------ what a trial trained with
+
+
+@pytest.fixture
+def env(tmp_path):
+    """Worker processes: fast heartbeats, private checkpoint and artifact folders, one thread each."""
+    return {**os.environ, "MTBERT_HEARTBEAT_INTERVAL": "1", "MTBERT_HEARTBEAT_GRACE": "10",
+            "MTBERT_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "MTBERT_ARTIFACT_DIR": str(tmp_path / "artifacts"),
+            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def run_worker(study_file: Path, url: str, env: dict, root: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(root / "worker.py"), "--study", str(study_file), "--no-progress",
+                           "--poll-seconds", "0.5"], cwd=root, env={**env, "MTBERT_STORAGE": url},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if " ERROR " in line]
+
+
+def test_a_worker_with_another_encoder_behind_default_is_refused_in_one_line(tmp_path, tiny_model, tiny_data, env,
+                                                                             monkeypatch):
+    """model = "default" with $MTBERT_DEFAULT_MODEL pointing at another encoder: refused, naming both hashes;
+    the same encoder copied to another folder is the same encoder (issue 17, finding 3)."""
+    import shutil
+
+    from tiny import write_tiny_model
+
+    study_file = write_study(tmp_path, "enc", "default", tiny_data, n_trials=1)
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    monkeypatch.setenv("MTBERT_DEFAULT_MODEL", str(tiny_model))
+    study = open_study(load_spec(study_file), url, {})  # created on a node whose default is tiny_model
+    other = write_tiny_model(tmp_path / "other-encoder", seed=1)
+    proc = run_worker(study_file, url, {**env, "MTBERT_DEFAULT_MODEL": str(other)})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = error_lines(proc.stderr)
+    assert "encoder: study trained sha256:" in line and f"(default → {other})" in line, line
+    assert f"(default → {tiny_model})" in line
+    assert study.trials == []  # nothing trained with it
+    copy = shutil.copytree(tiny_model, tmp_path / "same-encoder-elsewhere")
+    proc = run_worker(study_file, url, {**env, "MTBERT_DEFAULT_MODEL": str(copy)})
+    assert proc.returncode == 0, proc.stderr
+    (trial,) = study.trials
+    assert trial.state == TrialState.COMPLETE
+    recorded = trial.system_attrs["identity"]
+    assert recorded["encoder"]["resolved"] == str(copy) and recorded["encoder"]["sha256"].startswith("sha256:")
+    assert recorded["train"]["head_lr"] == 2e-3 and recorded["code"]["sha256"].startswith("sha256:")
+
+
+def test_a_clone_with_another_train_default_is_refused_in_one_line(tmp_path, tiny_model, tiny_data, env):
+    """A checkout whose TrainConfig default head_lr differs (and so does its code) joins: refused in one line
+    naming both (issue 17, finding 3)."""
+    import shutil
+
+    clone = tmp_path / "clone"
+    shutil.copytree(ROOT, clone, ignore=shutil.ignore_patterns(".git", "*.db", "pg", "logs", "docs", "reports",
+                                                                "sample_data", "__pycache__", "runs", "tests"))
+    config = clone / "mtbert" / "config.py"
+    text = config.read_text()
+    assert 'head_lr: float = _opt(2e-3,' in text
+    config.write_text(text.replace('head_lr: float = _opt(2e-3,', 'head_lr: float = _opt(5e-3,'))
+    shutil.copytree(ROOT / "reports", clone / "reports", ignore=shutil.ignore_patterns("*.png", "*.md", "*.csv"))
+    study_file = write_study(tmp_path, "clone", tiny_model, tiny_data, n_trials=1)
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    open_study(load_spec(study_file), url, {})
+    proc = run_worker(study_file, url, env, root=clone)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = error_lines(proc.stderr)
+    assert "train.head_lr: study trained 0.002, this worker has 0.005" in line, line
+    assert "code: study trained mtbert sources sha256:" in line
+
+
+def test_speed_only_settings_are_not_compared(tmp_path, tiny_model, tiny_data):
+    """step, packing, amp and the other checkpoint.SPEED_FIELDS, and runtime fields: recorded, never refused."""
+    import dataclasses
+
+    from mtbert.checkpoint import SPEED_FIELDS
+    from service.study import identity_differences, local_identity
+
+    spec = load_spec(write_study(tmp_path, "speed", tiny_model, tiny_data))
+    fast = dataclasses.replace(spec, train={**spec.train, "packing": True, "amp": False, "step": "eager",
+                                            "eval_batch_size": 7, "log_every": 3})
+    assert {"packing", "amp", "step"} <= SPEED_FIELDS
+    assert identity_differences(local_identity(spec), local_identity(fast)) == []
+    slower = dataclasses.replace(spec, train={**spec.train, "weight_decay": 0.1})
+    assert identity_differences(local_identity(spec), local_identity(slower)) == [
+        "train.weight_decay: study trained 0.01, this worker has 0.1"]
