@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -254,3 +255,100 @@ def test_speed_only_settings_are_not_compared(tmp_path, tiny_model, tiny_data):
     slower = dataclasses.replace(spec, train={**spec.train, "weight_decay": 0.1})
     assert identity_differences(local_identity(spec), local_identity(slower)) == [
         "train.weight_decay: study trained 0.01, this worker has 0.1"]
+
+
+# ------------------------------------------------------------ per-trial seeding
+
+
+def test_a_random_study_draws_the_same_configurations_however_many_processes_ask(tmp_path, tiny_model, tiny_data):
+    """Trial k's draws come from (study seed, k): two openers interleaving their asks draw what one alone
+    draws, and neither repeats the other (old: each opener replayed the file seed's sequence)."""
+    spec = load_spec(write_study(tmp_path, "draws", tiny_model, tiny_data, n_trials=6, sampler_extra="seed = 42"))
+
+    def draws(url: str, openers: int) -> list[tuple]:
+        studies = [open_study(spec, url, {}) for _ in range(openers)]
+        out = []
+        for k in range(6):
+            study = studies[k % openers]
+            trial = study.ask()
+            out.append(tuple(sorted(spec.suggest(trial).items())))
+            study.tell(trial, 0.5)
+        return out
+
+    one, two = draws(f"sqlite:///{tmp_path / 'one.db'}", 1), draws(f"sqlite:///{tmp_path / 'two.db'}", 2)
+    assert one == two
+    assert len(set(one)) == 6
+
+
+def _finished(url: str, name: str) -> int:
+    study = optuna.load_study(study_name=name, storage=storage_lib.open_storage(url, heartbeat=False))
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
+
+
+def _skewed(env: dict, url: str) -> tuple[list[str], dict]:
+    """The extra worker's clock or time zone: PGTZ=Asia/Tokyo on PostgreSQL; on SQLite a clock 10 minutes
+    ahead (faketime), where faketime is installed."""
+    if url.startswith("postgresql"):
+        return [], {**env, "PGTZ": "Asia/Tokyo"}
+    faketime = shutil.which("faketime")
+    return ([faketime, "-f", "+10m"] if faketime else []), env
+
+
+def test_two_searches_and_a_worker_stopped_and_restarted_train_no_configuration_twice(tmp_path, tiny_model,
+                                                                                    tiny_data, storage_url, env):
+    """Two search.py and one extra worker.py (under another PGTZ, or a clock 10 min ahead) on one study,
+    stopped with SIGTERM twice and run again: every configuration is trained once (a handed-back trial's
+    retry resumes the same one), the budget is met exactly, and no live trial is failed as stale
+    (issue 17, findings 1 and 2)."""
+    budget = 6
+    study_file = write_study(tmp_path, "many", tiny_model, tiny_data, n_trials=budget, sampler_extra="seed = 42")
+    run_env = {**env, "MTBERT_STORAGE": storage_url}
+    prefix, skewed_env = _skewed(run_env, storage_url)
+
+    def start_all() -> list[subprocess.Popen]:
+        search = [sys.executable, str(ROOT / "search.py"), "--study", str(study_file), "--workers", "1",
+                  "--out", str(tmp_path / "report")]
+        worker = [*prefix, sys.executable, str(ROOT / "worker.py"), "--study", str(study_file), "--no-progress",
+                  "--poll-seconds", "0.5"]
+        return [subprocess.Popen(search, cwd=ROOT, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True),
+                subprocess.Popen(search, cwd=ROOT, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True),
+                subprocess.Popen(worker, cwd=ROOT, env=skewed_env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)]
+
+    logs = []
+    for stop_after in (2, 4):  # two rounds stopped mid-run, then one to the end
+        procs = start_all()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+            try:
+                if _finished(storage_url, "many") >= stop_after:
+                    break
+            except KeyError:  # not created yet
+                pass
+            time.sleep(0.5)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        logs += [p.communicate(timeout=180)[0] for p in procs]
+    procs = start_all()
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(logs + outputs)
+
+    study = optuna.load_study(study_name="many", storage=storage_lib.open_storage(storage_url, heartbeat=False))
+    trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == budget
+    from service.study import trial_root
+
+    by_config: dict[tuple, set[int]] = {}
+    for t in trials:  # a configuration is trained by one retry chain only
+        by_config.setdefault(tuple(sorted(t.params.items())), set()).add(trial_root(t))
+    repeated = {config: roots for config, roots in by_config.items() if len(roots) > 1}
+    assert not repeated, repeated
+    assert len({tuple(sorted(t.params.items())) for t in finished}) == budget
+    for t in trials:  # only hand-backs failed: no live trial was declared stale by the skewed worker
+        if t.state == TrialState.FAIL:
+            assert t.user_attrs.get("fail_reason") == "worker stopped by a signal; retried", (t.number, t.user_attrs)
+        for previous in t.user_attrs.get("previous_fail_reasons") or []:
+            assert previous["reason"] == "worker stopped by a signal; retried", (t.number, previous)
