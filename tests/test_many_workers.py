@@ -285,13 +285,17 @@ def _finished(url: str, name: str) -> int:
     return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
 
 
-def _skewed(env: dict, url: str) -> tuple[list[str], dict]:
-    """The extra worker's clock or time zone: PGTZ=Asia/Tokyo on PostgreSQL; on SQLite a clock 10 minutes
-    ahead (faketime), where faketime is installed."""
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")  # apt-get install faketime
+
+
+def _skewed(env: dict, url: str) -> dict:
+    """The extra worker's environment: PGTZ=Asia/Tokyo on PostgreSQL; on SQLite a clock 10 minutes ahead
+    (libfaketime preloaded into the worker itself, so that SIGTERM reaches it), where faketime is installed."""
     if url.startswith("postgresql"):
-        return [], {**env, "PGTZ": "Asia/Tokyo"}
-    faketime = shutil.which("faketime")
-    return ([faketime, "-f", "+10m"] if faketime else []), env
+        return {**env, "PGTZ": "Asia/Tokyo"}
+    if not LIBFAKETIME.is_file():
+        return env
+    return {**env, "LD_PRELOAD": str(LIBFAKETIME), "FAKETIME": "+10m", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
 
 
 def test_two_searches_and_a_worker_stopped_and_restarted_train_no_configuration_twice(tmp_path, tiny_model,
@@ -303,12 +307,12 @@ def test_two_searches_and_a_worker_stopped_and_restarted_train_no_configuration_
     budget = 6
     study_file = write_study(tmp_path, "many", tiny_model, tiny_data, n_trials=budget, sampler_extra="seed = 42")
     run_env = {**env, "MTBERT_STORAGE": storage_url}
-    prefix, skewed_env = _skewed(run_env, storage_url)
+    skewed_env = _skewed(run_env, storage_url)
 
     def start_all() -> list[subprocess.Popen]:
         search = [sys.executable, str(ROOT / "search.py"), "--study", str(study_file), "--workers", "1",
                   "--out", str(tmp_path / "report")]
-        worker = [*prefix, sys.executable, str(ROOT / "worker.py"), "--study", str(study_file), "--no-progress",
+        worker = [sys.executable, str(ROOT / "worker.py"), "--study", str(study_file), "--no-progress",
                   "--poll-seconds", "0.5"]
         return [subprocess.Popen(search, cwd=ROOT, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  text=True),
