@@ -233,6 +233,7 @@ def test_a_trial_is_never_pruned_after_its_last_epoch(tmp_path, tiny_model, tiny
     Worker(study, spec, device="cpu", progress=False, checkpoint_root=tmp_path / "ck").run()
     assert [len(t.intermediate_values) for t in study.trials] == [1, 1]  # pruned after epoch 1 of 2
     spec1, _ = spec.with_overrides(epochs=1, n_trials=3)
+    study.set_user_attr("overrides 2099-01-01T00:00:00Z test", {"n_trials": 3})  # workers go by the recorded budget
     Worker(study, spec1, device="cpu", progress=False, checkpoint_root=tmp_path / "ck").run()
     assert study.trials[2].state == TrialState.COMPLETE  # its only epoch was its last: the result is kept
 
