@@ -41,7 +41,7 @@ from service.progress import follow, print_summary, write_trials_csv
 from service.slurm import add_slurm_arguments, check_arguments, run_array
 from service.study import (FINISHED, OVERRIDE_FLAGS, SEED, StudyIdentityError, add_override_arguments,
                            add_speed_arguments, bounded, load_study_spec, open_study, recorded_budget, storage_url,
-                           study_key, study_option, trial_counts)
+                           study_budget, study_key, study_option, trial_counts)
 from mtbert.tasks import data_problem
 from studies import StudySpec, StudySpecError
 
@@ -282,7 +282,8 @@ def run(argv: list[str] | None = None) -> int:
                         help="pack several trials on each GPU (default: chosen from GPU memory and encoder size, "
                              "and logged; see service/launch.py default_workers_per_gpu)")
     parser.add_argument("--seed", type=SEED, default=None,
-                        help="sampler seed: worker i gets SEED + i (default: the study file's, else random)")
+                        help="the study's sampler seed, recorded when the study is created (default: the study file's, else "
+                             "random); trial k samples with a seed derived from it and k, whichever worker runs it")
     add_speed_arguments(parser)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--status", action="store_true", help="print progress and leaderboard; run nothing")
@@ -375,8 +376,6 @@ def run(argv: list[str] | None = None) -> int:
             print_summary(study, spec)
             confirm.print_confirmation(study)
             return 0
-        if args.seed is None and isinstance(spec.sampler.get("seed"), int):
-            args.seed = spec.sampler["seed"]  # worker i samples with seed + i: parallel workers never repeat each other
         stopped = False
         if finished < spec.n_trials:
             try:
@@ -412,7 +411,7 @@ def run(argv: list[str] | None = None) -> int:
     confirm.print_confirmation(study)
     if not df.empty and not args.status:
         print(f"\ntrials written to {write_trials_csv(df, study_key(study))}")
-        if sum(n for state, n in trial_counts(study).items() if state in FINISHED) >= spec.n_trials:
+        if sum(n for state, n in trial_counts(study).items() if state in FINISHED) >= study_budget(study, spec):
             write_study_report(study, spec, url, args.out)
     return status
 

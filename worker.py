@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import gc
 import logging
+import math
 import os
 import shutil
 import signal
@@ -40,8 +41,8 @@ from mtbert.tasks import SCORES, data_problem
 from mtbert.config import device_problem
 from service import confirm
 from service.study import (FINISHED, SEED, StudyIdentityError, add_override_arguments, add_speed_arguments, bounded,
-                           load_study_spec, open_study, run_id, storage_url, study_uuid, trial_counts, trial_dir,
-                           trial_root)
+                           load_study_spec, open_study, run_id, storage_url, study_budget, study_uuid, trial_counts,
+                           trial_dir, trial_identity, trial_root)
 from storage import optuna_compat
 from studies import StudySpec, StudySpecError
 
@@ -50,6 +51,10 @@ logger = logging.getLogger("worker")
 # what one attempt of a trial writes about itself: a retry inherits the attempt's user attrs (Optuna
 # copies them), so it clears these when it starts, keeping the earlier reasons in `previous_fail_reasons`
 ATTEMPT_ATTRS = ("fail_reason", "resumed_from_epoch", "restarted_from_scratch")
+
+
+class NonFiniteScore(ValueError):
+    """A trial's dev score is NaN or infinite: it fails with this reason (Optuna refuses such a value)."""
 
 
 class WorkerInterrupted(BaseException):
@@ -94,7 +99,7 @@ class Worker:
         or an unloadable model is one error (mtbert's DataError / ModelLoadError) and no failed trials.
         """
         counts = trial_counts(self.study)
-        if sum(counts[s] for s in FINISHED) >= self.spec.n_trials:
+        if sum(counts[s] for s in FINISHED) >= study_budget(self.study, self.spec):
             return 0
         self.prepare()
         ran, failures = 0, 0
@@ -135,10 +140,10 @@ class Worker:
             counts = trial_counts(self.study)
             if self.confirmation is not None:  # exactly its enqueued trials (and their retries); never a new sample
                 return self.study.ask() if counts[TrialState.WAITING] else "wait" if counts[TrialState.RUNNING] else "done"
-            finished = sum(counts[s] for s in FINISHED)
-            if finished >= self.spec.n_trials:
+            finished, budget = sum(counts[s] for s in FINISHED), study_budget(self.study, self.spec)
+            if finished >= budget:  # the study's recorded budget, read now: an edit reaches every worker at once
                 return "done"
-            if finished + counts[TrialState.RUNNING] >= self.spec.n_trials:
+            if finished + counts[TrialState.RUNNING] >= budget:
                 return "wait"
             return self.study.ask()
 
@@ -237,6 +242,7 @@ class Worker:
         trial.set_user_attr("device", device_name(cfg.device))
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("config", cfg.to_dict())
+        optuna_compat.set_trial_system_attr(self.study, trial, "identity", trial_identity(cfg))  # by content
         trial.set_user_attr("data_dir", os.path.abspath(resolve_data_dir(cfg.data_dir)))  # what the report reruns on
         epoch_seconds: list[float] = []
         per_epoch: list[dict[str, Any]] = []  # user attr `history`: the dashboard note's rows
@@ -244,6 +250,9 @@ class Worker:
 
         def on_epoch(result) -> None:
             value = result.metrics[self.spec.metric]
+            if not math.isfinite(value):  # a failed trial with its reason, before it reaches report/tell
+                raise NonFiniteScore(f"epoch {result.epoch}: {self.spec.metric} is {value} (training diverged: "
+                                     "lower the learning rate)")
             if result.resumed:
                 trial.set_user_attr("resumed_from_epoch", result.epoch)
             else:
@@ -369,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", type=bounded(int, 0), default=None, help="GPU index to train on (sets --device cuda:I)")
     parser.add_argument("--device", default=None,
                         help="'cpu', 'cuda', 'cuda:1', ... (default: the study file's, else GPU if any)")
-    parser.add_argument("--seed", type=SEED, default=None, help="sampler seed (default: the study file's, else random)")
+    parser.add_argument("--seed", type=SEED, default=None, help="the study's sampler seed if this worker creates the study (default: the "
+                        "study file's, else random); trial k samples with a seed derived from it and k")
     parser.add_argument("--max-failures", type=bounded(int, 1), default=3,
                         help="stop after this many failed trials in a row (default: 3)")
     parser.add_argument("--poll-seconds", type=bounded(float, 0.01, 3600), default=5.0,
@@ -429,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.ranking import tally_text
 
     logger.info("worker done: ran %d trial(s); study %s: %s of a budget of %d", ran, spec.name,
-                tally_text(trials, prose=True), spec.n_trials)
+                tally_text(trials, prose=True), study_budget(study, spec))
     return 1 if worker.gave_up else 0
 
 

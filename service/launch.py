@@ -183,8 +183,8 @@ class LocalWorker:
 def start_workers(study: str, url: str, devices: list[str], args: argparse.Namespace,
                   log_dir: Path) -> list[LocalWorker]:
     """Start worker.py processes on `study` (a name or a file path); the storage URL (or the path of
-    the storage file it came from) travels in the environment, never in argv. With --seed S, worker i
-    samples with seed S + i."""
+    the storage file it came from) travels in the environment, never in argv. No seed is passed: the
+    study's seed is recorded on it (service.study.study_seed) and trial k's draws derive from it and k."""
     log_dir.mkdir(parents=True, exist_ok=True)
     passthrough = override_argv(args)
     env = {k: v for k, v in os.environ.items() if k not in ("MTBERT_STORAGE", "MTBERT_STORAGE_FILE")}
@@ -199,9 +199,8 @@ def start_workers(study: str, url: str, devices: list[str], args: argparse.Names
     for i, device in enumerate(devices):
         path = log_dir / f"worker-{i}.log"
         log = open(path, "a")
-        seed = [] if args.seed is None else ["--seed", str(args.seed + i)]
         cmd = [sys.executable, str(ROOT / "worker.py"), "--study", study, "--device", device, "--no-progress",
-               *seed, *speed, *passthrough]
+               *speed, *passthrough]
         start = log.tell()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         workers.append(LocalWorker(i, device, proc, log, path, start))

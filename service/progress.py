@@ -24,7 +24,7 @@ import storage as storage_lib
 from mtbert.tasks import SCORE_NAMES, TASK_METRICS
 from storage.optuna_compat import handed_back
 from service.ranking import best_trial, leaderboard, resume_text, tally_text
-from service.study import FINISHED
+from service.study import FINISHED, study_budget
 from studies import StudySpec
 
 
@@ -197,7 +197,7 @@ def follow(study: optuna.Study, spec: StudySpec, workers: list, poll: float = 2.
                         display.event(f"worker {w.index} {w.exit_text()}: {w.last_error()}")
             display.status(study, spec, trials)
             finished = sum(t.state in FINISHED for t in trials)
-            if finished >= spec.n_trials or len(exited) == len(workers):
+            if finished >= study_budget(study, spec) or len(exited) == len(workers):
                 break
             time.sleep(poll)
     finally:
@@ -223,7 +223,7 @@ def print_summary(study: optuna.Study, spec: StudySpec, top: int = 10) -> pd.Dat
     trials = study.get_trials(deepcopy=False)  # one read: leaderboard, counts and best share this snapshot
     df = leaderboard(study, spec, trials)
     counts = Counter(t.state for t in trials)
-    print(f"\nstudy {spec.name}: {progress_text(study, spec, counts, trials)} | budget {spec.n_trials}")
+    print(f"\nstudy {spec.name}: {progress_text(study, spec, counts, trials)} | budget {study_budget(study, spec)}")
     if not df.empty:
         with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 4):
             print(df.head(top).to_string(index=False))

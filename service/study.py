@@ -12,10 +12,12 @@ resume its checkpoint), worker logs in `storage/logs/<study key>/` and the trial
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
 import re
+import secrets
 import socket
 import uuid
 import warnings
@@ -158,9 +160,12 @@ def open_study(spec: StudySpec, url: str | None, overrides: dict[str, Any], seed
                                 f"{storage_lib.redact(storage_lib.resolve_url(url))} in what changes results: "
                                 f"{'; '.join(differences)}. {mismatch_advice(attrs['spec'], spec, overrides, role)}")
     study_uuid(study)  # recorded now, before anything of the study is written to disk
+    study.sampler = spec.trial_seeded_sampler(study_seed(study, spec, seed))
     check_data(study, spec)
+    check_identity(study, spec)
     record = dict(overrides)
     if spec.n_trials != recorded_budget(study.user_attrs):
+        check_budget(study, spec)
         record.setdefault("n_trials", spec.n_trials)  # a budget changed in the file is recorded like --n-trials
     if record:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -252,6 +257,30 @@ def study_uuid(study: optuna.Study, create: bool = True) -> str | None:
     return value
 
 
+SEED_ATTR = "sampler_seed"  # study system attr: the seed every trial's draws derive from
+
+
+def study_seed(study: optuna.Study, spec: StudySpec, given: int | None = None) -> int:
+    """The study's sampler seed, recorded on it (system attribute `sampler_seed`) by its first opener:
+    `given` (--seed), else the file's [sampler].seed, else a random one. Trial k samples with a seed
+    derived from it and k (studies.TrialSeededSampler), so no process, restart or extra worker repeats a
+    draw. A later `given` that differs is ignored with a warning: the study's draws are already fixed."""
+    recorded = optuna_compat.study_system_attrs(study).get(SEED_ATTR)
+    if recorded is None:
+        with storage_lib.trial_slot_lock(optuna_compat.rdb_storage(study), study.study_name):
+            recorded = optuna_compat.study_system_attrs(study).get(SEED_ATTR)
+            if recorded is None:
+                recorded = given if given is not None else spec.sampler.get("seed")
+                if not isinstance(recorded, int):
+                    recorded = secrets.randbelow(2**31)
+                optuna_compat.set_study_system_attr(study, SEED_ATTR, int(recorded))
+                return int(recorded)
+    if given is not None and given != recorded:
+        logging.getLogger("study").warning("--seed %d ignored: study %s samples with its recorded seed %d (trial k "
+                                           "with a seed derived from it and k)", given, study.study_name, recorded)
+    return int(recorded)
+
+
 def study_key(study: optuna.Study) -> str:
     """A filesystem-safe "<name>-<uuid8>" for the study's logs and CSV: readable, and unique per study."""
     name = re.sub(r"[^\w.-]", "_", study.study_name)[:64].lstrip(".") or "study"
@@ -334,11 +363,112 @@ def check_data(study: optuna.Study, spec: StudySpec) -> None:
                             f"(or $MTBERT_DATA_DIR) at the study's data, or copy the study file under a new name")
 
 
+IDENTITY_ATTR = "identity"  # study system attr: what its trials train with (local_identity of its first opener)
+
+
+def local_identity(spec: StudySpec) -> dict[str, Any]:
+    """What this process would train the study's trials with: the resolved encoder by content (unless the
+    space searches the model), every resolved TrainConfig value that changes results but the searched ones,
+    and the training code's version (mtbert.provenance). Speed-only and runtime settings are left out."""
+    from mtbert.checkpoint import SPEED_FIELDS
+    from mtbert.config import TrainConfig
+    from mtbert.provenance import code_version, encoder_identity, result_settings
+    from studies.spec import RUNTIME_FIELDS
+
+    searched = set().union(*(p.controls() for p in spec.space.values()))
+    cfg = TrainConfig().replace(**spec.train)
+    identity: dict[str, Any] = {"train": result_settings(cfg, SPEED_FIELDS | set(RUNTIME_FIELDS) | searched),
+                                "code": code_version()}
+    if "model" not in searched:
+        try:
+            identity["encoder"] = encoder_identity(cfg.model)
+        except RuntimeError:  # e.g. no model package on this node: its loader says so, in one line
+            pass
+    return identity
+
+
+def trial_identity(cfg) -> dict[str, Any]:
+    """What one trial trained with (its system attr "identity"): the encoder by content, every resolved
+    setting that changes results, the code version. A record for people and comparisons, never read back
+    to decide what is trained or exported."""
+    from mtbert.checkpoint import SPEED_FIELDS
+    from mtbert.provenance import code_version, encoder_identity, result_settings
+
+    identity: dict[str, Any] = {"train": result_settings(cfg, SPEED_FIELDS), "code": code_version()}
+    try:
+        identity["encoder"] = encoder_identity(cfg.model)
+    except RuntimeError:
+        pass
+    return identity
+
+
+def _short(sha: str) -> str:
+    return sha[:len("sha256:") + 12] + "…" if sha.startswith("sha256:") else sha
+
+
+def identity_differences(recorded: dict[str, Any], local: dict[str, Any]) -> list[str]:
+    """What differs between a study's recorded identity and this process's, one phrase per item."""
+    lines = []
+    there, here = recorded.get("encoder"), local.get("encoder")
+    if there and here and "unknown" not in (there.get("sha256"), here.get("sha256")) \
+            and there.get("sha256") != here.get("sha256"):
+        lines.append(f"encoder: study trained {_short(there['sha256'])} ({there.get('model')} → {there.get('resolved')}), "
+                     f"this worker has {_short(here['sha256'])} ({here.get('model')} → {here.get('resolved')})")
+    old, new = recorded.get("train") or {}, local.get("train") or {}
+    for key in sorted(old.keys() | new.keys()):
+        if json.dumps(old.get(key, "(not set)")) != json.dumps(new.get(key, "(not set)")):
+            lines.append(f"train.{key}: study trained {json.dumps(old.get(key, '(not set)'))}, this worker has "
+                         f"{json.dumps(new.get(key, '(not set)'))}")
+    code_there, code_here = recorded.get("code") or {}, local.get("code") or {}
+    if code_there.get("sha256") and code_there.get("sha256") != code_here.get("sha256"):
+        lines.append(f"code: study trained mtbert sources {_short(code_there['sha256'])} (commit "
+                     f"{(code_there.get('commit') or 'unknown')[:12]}), this worker has {_short(code_here['sha256'])} "
+                     f"(commit {(code_here.get('commit') or 'unknown')[:12]})")
+    return lines
+
+
+def check_identity(study: optuna.Study, spec: StudySpec) -> None:
+    """The first opener records what the study's trials train with; a later one that would train with
+    something else (another encoder behind the same name, another TrainConfig default, other training
+    code) is refused with one line naming what differs (StudyMismatch)."""
+    local = local_identity(spec)
+    recorded = optuna_compat.study_system_attrs(study).get(IDENTITY_ATTR)
+    if recorded is None:
+        with storage_lib.trial_slot_lock(optuna_compat.rdb_storage(study), study.study_name):
+            recorded = optuna_compat.study_system_attrs(study).get(IDENTITY_ATTR)
+            if recorded is None:
+                optuna_compat.set_study_system_attr(study, IDENTITY_ATTR, local)
+                return
+    if "encoder" not in recorded and "encoder" in local:  # recorded by a node without the model: complete it
+        optuna_compat.set_study_system_attr(study, IDENTITY_ATTR, {**recorded, "encoder": local["encoder"]})
+    differences = identity_differences(recorded, local)
+    if differences:
+        raise StudyMismatch(f"refusing to join study {study.study_name!r}: this worker would change its results: "
+                            f"{'; '.join(differences)} (run with the study's encoder and code, or copy the study "
+                            f"file under a new name for a new study)")
+
+
 def recorded_budget(attrs: dict[str, Any]) -> int | None:
     """The budget recorded on a study (its user attrs): the latest n_trials given, else its spec's."""
     given = [attrs[k]["n_trials"] for k in sorted(attrs)
              if k.startswith("overrides ") and isinstance(attrs[k], dict) and "n_trials" in attrs[k]]
     return given[-1] if given else (attrs.get("spec") or {}).get("n_trials")
+
+
+def study_budget(study: optuna.Study, spec: StudySpec) -> int:
+    """The one budget every worker and report goes by: the latest recorded on the study (a budget edited in
+    the file or given with --n-trials is recorded when a command opens the study), else the spec's."""
+    return recorded_budget(study.user_attrs) or spec.n_trials
+
+
+def check_budget(study: optuna.Study, spec: StudySpec) -> None:
+    """A new budget must leave room for the trials already finished or running: a lower one is refused
+    (it could only be overshot, and a report would read "5 finished of a budget of 2")."""
+    counts = trial_counts(study)
+    finished, running = sum(counts[s] for s in FINISHED), counts[TrialState.RUNNING]
+    if spec.n_trials < finished + running:
+        raise StudyMismatch(f"{spec.path}: n_trials: {spec.n_trials} is below the {finished} finished and {running} "
+                            f"running trials of study {study.study_name!r}: give at least {finished + running}")
 
 
 def trial_counts(study: optuna.Study) -> Counter:

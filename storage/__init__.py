@@ -408,6 +408,16 @@ def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: object) -> None:
     dbapi_conn.execute("PRAGMA synchronous=NORMAL")
 
 
+def _utc_session(dbapi_conn, _record: object) -> None:
+    """Every PostgreSQL session in UTC: Optuna stores heartbeats as the server's now() in a column without
+    time zone, i.e. in the session's zone, so a worker under another PGTZ (or a server default) would write
+    instants hours apart and fail live trials as stale. Set after connecting: a libpq PGTZ startup
+    setting cannot win over it."""
+    with contextlib.closing(dbapi_conn.cursor()) as cursor:
+        cursor.execute("SET TIME ZONE 'UTC'")
+    dbapi_conn.commit()
+
+
 @contextlib.contextmanager
 def _init_lock(url: str, db_file: Path | None) -> Iterator[None]:
     """Serialise storage setup across processes: Optuna's table creation races otherwise."""
@@ -560,9 +570,43 @@ class RetryingRDBStorage(RDBStorage):
             return
 
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_beats_seen", None)  # monotonic times of this process: meaningless in another
+        return state
+
+    def _stale_trial_ids(self, study_id: int) -> list[int]:
+        """Trials whose workers stopped beating, judged on one clock.
+
+        PostgreSQL: Optuna's rule, on the server's clock (heartbeats are written and judged with the
+        server's now(); every session is pinned to UTC, so a worker under another PGTZ stores the same
+        instant). SQLite has no server clock: each process's own clock writes its heartbeats, so a
+        skewed worker would see everyone else's as old (or its own would look old to them). There a
+        trial is stale only when this process has watched its heartbeat stay unchanged for the grace
+        period on its monotonic clock: no wall clock is compared, whatever the skew. (A process that
+        starts after a worker died waits one grace period before retrying that worker's trial.)
+        """
+        if self.engine.dialect.name != "sqlite":
+            return RDBStorage._get_stale_trial_ids(self, study_id)
+        grace = self.grace_period if self.grace_period is not None else 2 * (self.heartbeat_interval or 1)
+        now = time.monotonic()
+        seen = self.__dict__.setdefault("_beats_seen", {})
+        before = seen.get(study_id, {})
+        current: dict[int, tuple[object, float]] = {}
+        stale = []
+        for trial_id, beat in optuna_compat.running_heartbeats(self, study_id).items():
+            value, since = before.get(trial_id, (None, None))
+            current[trial_id] = (value, since) if since is not None and value == beat else (beat, now)
+            if since is not None and value == beat and now - since > grace:
+                stale.append(trial_id)
+        seen[study_id] = current
+        return stale
+
+
 for _name in RDB_DATABASE_METHODS:
     if _name != "record_heartbeat" and callable(getattr(RDBStorage, _name, None)):
         setattr(RetryingRDBStorage, _name, _retrying(_name, getattr(RDBStorage, _name)))
+RetryingRDBStorage._get_stale_trial_ids = _retrying("_get_stale_trial_ids", RetryingRDBStorage._stale_trial_ids)
 
 
 def open_storage(url: str | None = None, *, heartbeat: bool = True, create: bool = True) -> RDBStorage:
@@ -624,6 +668,9 @@ def open_storage(url: str | None = None, *, heartbeat: bool = True, create: bool
         sqlalchemy.event.listen(storage.engine, "connect", _sqlite_pragmas)
         storage.engine.dispose()  # pooled connections were opened before the listener
         storage._file_identity = _file_identity(db_file) if db_file is not None else None
+    elif backend == "postgresql":
+        sqlalchemy.event.listen(storage.engine, "connect", _utc_session)
+        storage.engine.dispose()
     return storage
 
 

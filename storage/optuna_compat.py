@@ -12,6 +12,9 @@ import contextlib
 import optuna
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import get_heartbeat_thread  # private: the heartbeat study.optimize runs
+from optuna.storages._rdb import models as rdb_models  # private: the heartbeat table, read for staleness
+from optuna.storages._rdb.storage import _create_scoped_session  # private: Optuna's session scope
+from optuna.trial import TrialState
 
 
 # The RDBStorage methods that talk to the database, which storage.RetryingRDBStorage retries through an
@@ -130,3 +133,28 @@ class CrashRetryCallback(RetryHeartbeatStaleTrialCallback):
         if self.max_crashes is not None and crashes > self.max_crashes:
             return
         super().__call__(study, trial)
+
+
+def study_system_attrs(study: optuna.Study) -> dict:
+    """The study's system attributes (Optuna deprecated Study.system_attrs; the storage keeps them)."""
+    return study_storage(study).get_study_system_attrs(study._study_id)
+
+
+def set_study_system_attr(study: optuna.Study, key: str, value) -> None:
+    """Record a study system attribute: what the service itself decided (seed, identity), not a user's note."""
+    study_storage(study).set_study_system_attr(study._study_id, key, value)
+
+
+def running_heartbeats(storage: RDBStorage, study_id: int) -> dict[int, object]:
+    """{trial id: its stored heartbeat} of the study's RUNNING trials that have beaten at least once (the
+    values are only compared with each other, never with a clock: storage.RetryingRDBStorage)."""
+    beat, trial = rdb_models.TrialHeartbeatModel, rdb_models.TrialModel
+    with _create_scoped_session(storage.scoped_session) as session:
+        rows = (session.query(beat.trial_id, beat.heartbeat).join(trial, trial.trial_id == beat.trial_id)
+                .filter(trial.study_id == study_id, trial.state == TrialState.RUNNING).all())
+    return {int(trial_id): value for trial_id, value in rows}
+
+
+def set_trial_system_attr(study: optuna.Study, trial: optuna.Trial, key: str, value) -> None:
+    """Record a trial system attribute (Optuna deprecated Trial.set_system_attr)."""
+    study_storage(study).set_trial_system_attr(trial_id(trial), key, value)

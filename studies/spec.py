@@ -6,6 +6,7 @@ Every problem in a file is one StudySpecError whose message reads "<file>: <fiel
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import itertools
 import json
@@ -15,7 +16,7 @@ import tomllib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 import optuna
 
@@ -54,6 +55,50 @@ class GridSampler(optuna.samplers.GridSampler):
         self._all_grids = list(itertools.product(*self._search_space.values()))  # Optuna's order, unshuffled
 
     def after_trial(self, study, trial, state, values) -> None:  # noqa: ANN001 - Optuna's signature
+        pass
+
+
+def trial_seed(study_seed: int, number: int) -> int:
+    """The seed of trial `number`'s draws: a hash of the study's seed and the trial number (0 .. 2**32 - 1)."""
+    return int.from_bytes(hashlib.sha256(f"{int(study_seed)}/{int(number)}".encode()).digest()[:4], "big")
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """A sampler whose draws for trial k are seeded by (study seed, k), not by the process.
+
+    Each trial gets a fresh inner sampler (`make(trial_seed(seed, k))`: TPE, random or grid, cheap to build),
+    so a second search.py, an extra worker.py or a rerun after a stop never repeats a configuration by
+    reseeding, and a random-sampler study draws the same configurations however many processes take
+    part. TPE's startup trials are random draws of the same kind; after them TPE still models the study's
+    finished trials, which depend on timing (as they would with one process and constant_liar).
+    """
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self._make, self.seed = make, int(seed)
+        self._current: tuple[int, optuna.samplers.BaseSampler] | None = None
+
+    def for_trial(self, number: int) -> optuna.samplers.BaseSampler:
+        """The inner sampler of trial `number` (one process runs one trial at a time: the last is kept)."""
+        if self._current is None or self._current[0] != number:
+            self._current = (number, self._make(trial_seed(self.seed, number)))
+        return self._current[1]
+
+    def infer_relative_search_space(self, study, trial):  # noqa: ANN001 - Optuna's signatures
+        return self.for_trial(trial.number).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):  # noqa: ANN001
+        return self.for_trial(trial.number).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):  # noqa: ANN001
+        return self.for_trial(trial.number).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:  # noqa: ANN001
+        self.for_trial(trial.number).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:  # noqa: ANN001
+        self.for_trial(trial.number).after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:  # seeds come from the trial number: nothing per process to reseed
         pass
 
 
@@ -172,6 +217,10 @@ class StudySpec:
         if self.sampler["type"] == "grid":
             return GridSampler({p.name: p.grid_values() for p in self.space.values()}, **kwargs)
         return SAMPLERS[self.sampler["type"]](**kwargs)
+
+    def trial_seeded_sampler(self, study_seed: int) -> TrialSeededSampler:
+        """The sampler a study runs with: trial k's draws seeded by (study_seed, k) (TrialSeededSampler)."""
+        return TrialSeededSampler(self.make_sampler, study_seed)
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
         """The pruner; hyperband's max_resource defaults to epochs, the halving pruners' min_resource to 1."""

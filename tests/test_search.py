@@ -233,11 +233,12 @@ def test_a_trial_is_never_pruned_after_its_last_epoch(tmp_path, tiny_model, tiny
     Worker(study, spec, device="cpu", progress=False, checkpoint_root=tmp_path / "ck").run()
     assert [len(t.intermediate_values) for t in study.trials] == [1, 1]  # pruned after epoch 1 of 2
     spec1, _ = spec.with_overrides(epochs=1, n_trials=3)
+    study.set_user_attr("overrides 2099-01-01T00:00:00Z test", {"n_trials": 3})  # workers go by the recorded budget
     Worker(study, spec1, device="cpu", progress=False, checkpoint_root=tmp_path / "ck").run()
     assert study.trials[2].state == TrialState.COMPLETE  # its only epoch was its last: the result is kept
 
 
-def test_search_passes_the_study_file_and_a_seed_per_worker_to_its_workers(tmp_path, monkeypatch):
+def test_search_passes_the_study_file_and_no_per_worker_seed_to_its_workers(tmp_path, monkeypatch):
     import argparse
 
     from service import launch
@@ -248,7 +249,7 @@ def test_search_passes_the_study_file_and_a_seed_per_worker_to_its_workers(tmp_p
     launch.start_workers("/some/where/x.toml", "sqlite:///secret.db", ["cpu", "cpu"], args, tmp_path)
     for i, (cmd, env) in enumerate(launched):
         assert cmd[cmd.index("--study") + 1] == "/some/where/x.toml"
-        assert cmd[cmd.index("--seed") + 1] == str(5 + i)
+        assert "--seed" not in cmd  # the study's recorded seed and the trial number seed every draw
         assert cmd[cmd.index("--epochs") + 1] == "2"
         assert env["MTBERT_STORAGE"] == "sqlite:///secret.db" and "sqlite:///secret.db" not in cmd
 
