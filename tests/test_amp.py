@@ -90,9 +90,9 @@ def test_auto_trains_and_evaluates_in_bf16_on_a_native_bf16_cpu(tiny_model: Path
                       eval_batch_size=64, lr=1e-3)
     with caplog.at_level(logging.INFO, logger="mtbert.train"):
         results = train(cfg, progress=False)
-    assert "compute: bf16 autocast: amp auto, the CPU has amx_bf16" in caplog.text
     assert {training for training, _ in seen} == {True, False}  # both training and evaluation were seen
     assert all(bf16 for _, bf16 in seen)
+    assert "compute: bf16 autocast: amp auto, the CPU has amx_bf16" in caplog.text
     assert states and set(states) == {torch.float32}
     assert results[-1].metrics["overall"] == results[-1].metrics["overall"]  # a number, not NaN
 
