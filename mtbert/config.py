@@ -235,7 +235,8 @@ def cpu_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> tuple[bool, str]:
             (False, "the CPU has neither avx512_bf16 nor amx_bf16 (bf16 would be emulated)")
     seconds = {dtype: _gemm_seconds(dtype) for dtype in ("float32", "bfloat16")}
     native = seconds["bfloat16"] <= seconds["float32"]
-    return native, (f"probe: a bf16 GEMM took {seconds['bfloat16'] * 1e3:.1f} ms, fp32 {seconds['float32'] * 1e3:.1f} ms")
+    return native, (f"probe: a bf16 GEMM took {seconds['bfloat16'] * 1e3:.1f} ms, "
+                    f"fp32 {seconds['float32'] * 1e3:.1f} ms")
 
 
 def _gemm_seconds(dtype_name: str, repeats: int = 3) -> float:
