@@ -97,8 +97,9 @@ def bench_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--no-check-sync", dest="check_sync", action="store_false",
                         help="CUDA: do not count host syncs in the timed steps")
     parser.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
-                        help="the project variants' autocast, as TrainConfig.amp: 'auto' = bf16 on CUDA and on CPUs "
-                             "with native bf16, else fp32 (default: auto; eager-fp32 and reference are always fp32)")
+                        help="the project variants' autocast, as TrainConfig.amp (eager-fp32 and reference are "
+                             "always fp32): 'auto' = bf16 on CUDA and on CPUs with native bf16, else fp32 "
+                             "(default: auto)")
     parser.add_argument("--threads", type=at_least(1), default=None,
                         help="torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--jsonl", default=None, help="append every row, with its environment, to this file")

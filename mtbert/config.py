@@ -327,9 +327,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: Iterable[str] |
             kwargs["help"] += "" if overrides_only or "(default:" in text else " (default: %(default)s)"
         if f.name == "amp":  # --amp alone forces bf16 and --no-amp is off, as when amp was a boolean
             kwargs.update(nargs="?", const="bf16", metavar="{" + ",".join(AMPS) + "}")
-            parser.add_argument("--no-amp", dest="amp", action="store_const", const="off", default=default,
-                                help="fp32 everywhere (the same as --amp off)")
         parser.add_argument(flag, **kwargs)
+        if f.name == "amp":  # after --amp: the destination's default is --amp's
+            parser.add_argument("--no-amp", dest="amp", action="store_const", const="off",
+                                help="fp32 everywhere (the same as --amp off)")
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
