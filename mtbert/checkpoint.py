@@ -44,9 +44,10 @@ IDENTITY_VERSION = 1
 # TrainConfig fields that change how fast a run goes (or how it is logged), not what it computes:
 # they may differ between a run and its resume (e.g. a retry on another node or another GPU). Every
 # other field decides the result and must match; a new TrainConfig field counts as deciding unless
-# it is listed here. `device` and `amp` change floating-point rounding (bf16 autocast runs on CUDA
-# only), not the model, data, objective or schedule; `compile`, `packing` and `step` (eager, static
-# shapes, CUDA graphs) compute the same functions another way; `eval_batch_size` and `log_every` are batching of evaluation and logging.
+# it is listed here. `device` and `amp` change floating-point rounding (bf16 autocast on CUDA and on
+# CPUs with native bf16: mtbert.config.resolve_amp), not the model, data, objective or schedule;
+# `compile`, `packing` and `step` (eager, static shapes, CUDA graphs) compute the same functions
+# another way; `eval_batch_size` and `log_every` are batching of evaluation and logging.
 # `model` is compared by its resolved name (the "default" sentinel by what it resolves to), and
 # `data_dir` by the content of its train and dev files (same data at another path still matches).
 SPEED_FIELDS = frozenset({"device", "amp", "compile", "packing", "eval_batch_size", "log_every", "step"})

@@ -52,7 +52,8 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 # what mtbert.bench can measure (here so that --help needs no torch)
-BENCH_VARIANTS = ("reference", "eager", "packed", "static", "graphs", "compile", "graphs+compile", "eager+compile")
+BENCH_VARIANTS = ("reference", "eager", "eager-fp32", "fused", "packed", "static", "graphs", "compile",
+                  "graphs+compile", "eager+compile", "hf-trainer")
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
@@ -95,6 +96,12 @@ def bench_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--no-reference", action="store_true", help="skip the naive reference")
     parser.add_argument("--no-check-sync", dest="check_sync", action="store_false",
                         help="CUDA: do not count host syncs in the timed steps")
+    parser.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
+                        help="the project variants' autocast, as TrainConfig.amp (eager-fp32 and reference are "
+                             "always fp32): 'auto' = bf16 on CUDA and on CPUs with native bf16, else fp32 "
+                             "(default: auto)")
+    parser.add_argument("--threads", type=at_least(1), default=None,
+                        help="torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--jsonl", default=None, help="append every row, with its environment, to this file")
     parser.add_argument("--barrier", type=barrier_arg, default=None, metavar="DIR:N",
                         help="packing runs: wait until N processes have warmed up (files in DIR) before timing")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import re
 from collections.abc import Iterable
@@ -17,8 +18,9 @@ TASK_SAMPLINGS = ("all", "round_robin", "proportional", "sqrt", "annealed")
 LOSS_WEIGHTINGS = ("sum", "fixed", "uncertainty")
 STEPS = ("auto", "eager", "static", "graphs")  # mtbert.static_step.resolve_step
 POOLINGS = ("mean", "cls")
+AMPS = ("auto", "bf16", "off")  # resolve_amp
 # the fields whose values are names: their command-line flags accept only these (a usage error otherwise)
-CHOICES = {"pooling": POOLINGS, "schedule": SCHEDULES, "step": STEPS, "task_sampling": TASK_SAMPLINGS,
+CHOICES = {"amp": AMPS, "pooling": POOLINGS, "schedule": SCHEDULES, "step": STEPS, "task_sampling": TASK_SAMPLINGS,
            "loss_weighting": LOSS_WEIGHTINGS, "quora_encoding": ENCODINGS, "sts_encoding": ENCODINGS}
 
 
@@ -86,7 +88,9 @@ class TrainConfig:
 
     # how it runs
     device: str = _opt("auto", "'auto', 'cpu', 'cuda', 'cuda:1', ...")
-    amp: bool = _opt(True, "bf16 autocast on CUDA (never on CPU, where bf16 is ~20x slower)")
+    amp: str = _opt("auto", "bf16 autocast (fp32 weights and optimizer state): 'auto' = on CUDA and on CPUs with "
+                            "native bf16 (AVX512-BF16 or AMX), fp32 on other CPUs, where bf16 is emulated and far "
+                            "slower; 'bf16' (--amp) forces it, 'off' (--no-amp) is fp32; mtbert.config.resolve_amp")
     compile: bool = _opt(False, "torch.compile the encoder (CUDA)")
     packing: bool = _opt(False, "CUDA: pack several sentences per row (block-diagonal attention) instead of "
                                 "padding the step to its longest sentence")
@@ -96,6 +100,11 @@ class TrainConfig:
                              "(bucketed widths, batches staged on the device, no host sync), 'graphs' (static + "
                              "CUDA graphs; CUDA only), 'auto' (eager: the step that has run on a GPU; static and "
                              "graphs are opt-in, docs/gpu-steps.md); a speed setting, mtbert.static_step")
+
+    def __post_init__(self) -> None:
+        # the boolean of older run folders and command lines: true was "where it is fast", false fp32
+        if isinstance(self.amp, bool):
+            self.amp = "auto" if self.amp else "off"
 
     def replace(self, **changes: Any) -> "TrainConfig":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -124,6 +133,7 @@ class TrainConfig:
             (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)"),
             (device_problem(self.device) is None, device_problem(self.device) or ""),
             (self.step in STEPS, f"step must be one of {_names(STEPS)}"),
+            (self.amp in AMPS, f"amp must be one of {_names(AMPS)}, got {self.amp!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -212,6 +222,69 @@ class ModelLoadError(RuntimeError):
     default encoder not installed). Also importable from mtbert.model."""
 
 
+@functools.cache
+def cpu_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> tuple[bool, str]:
+    """Whether this CPU computes bf16 natively, and how that was decided (once per process).
+
+    Linux: the avx512_bf16 / amx_bf16 flags of /proc/cpuinfo. Elsewhere a short probe: a bf16 GEMM at
+    the encoder's FFN shape must be at least as fast as fp32. Where bf16 is emulated (AVX2, AVX-512
+    without BF16) a bf16 GEMM is far slower than fp32: 70x on this project's AMD EPYC (AVX2, 2026-12-03).
+    """
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path(cpuinfo).read_text().splitlines()
+                      if line.startswith("flags")), None)
+    except OSError:
+        flags = None
+    if flags is not None:
+        native = sorted({"avx512_bf16", "amx_bf16"} & set(flags))
+        return (True, f"the CPU has {' and '.join(native)}") if native else \
+            (False, "the CPU has neither avx512_bf16 nor amx_bf16 (bf16 would be emulated)")
+    seconds = {dtype: _gemm_seconds(dtype) for dtype in ("float32", "bfloat16")}
+    native = seconds["bfloat16"] <= seconds["float32"]
+    return native, (f"probe: a bf16 GEMM took {seconds['bfloat16'] * 1e3:.1f} ms, "
+                    f"fp32 {seconds['float32'] * 1e3:.1f} ms")
+
+
+def _gemm_seconds(dtype_name: str, repeats: int = 3) -> float:
+    import time
+
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(512, 384, dtype=dtype), torch.randn(384, 1536, dtype=dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return (time.perf_counter() - t0) / repeats
+
+
+def resolve_amp(amp: str, device: Any) -> tuple[bool, str]:
+    """Whether a run with TrainConfig.amp = ``amp`` on ``device`` computes in bf16 autocast, and why.
+
+    'bf16' and 'off' are what they say; 'auto' is bf16 on CUDA and on CPUs with native bf16
+    (cpu_native_bf16), fp32 elsewhere. The reason is one phrase for the log.
+    """
+    if isinstance(amp, bool):
+        amp = "auto" if amp else "off"
+    if amp == "off":
+        return False, "fp32: amp is off"
+    if amp == "bf16":
+        return True, "bf16 autocast: amp is bf16"
+    kind = getattr(device, "type", str(device).partition(":")[0])
+    if kind == "cuda":
+        return True, "bf16 autocast: amp auto on CUDA"
+    if kind == "cpu":
+        native, why = cpu_native_bf16()
+        return (True, f"bf16 autocast: amp auto, {why}") if native else (False, f"fp32: amp auto, {why}")
+    return False, f"fp32: amp auto on {kind}"
+
+
+def amp_label(enabled: bool) -> str:
+    """The resolved amp as a TrainConfig.amp value: 'bf16' or 'off'."""
+    return "bf16" if enabled else "off"
+
+
 def resolve_model_name(model: str) -> str:
     """Turn the "default" sentinel into a real path, importing the model package only if needed."""
     if model != DEFAULT_MODEL:
@@ -258,7 +331,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: Iterable[str] |
                 kwargs["choices"] = CHOICES[f.name]
             # a help that names its default in words (None, the "default" sentinel) keeps it; others show the value
             kwargs["help"] += "" if overrides_only or "(default:" in text else " (default: %(default)s)"
+        if f.name == "amp":  # --amp alone forces bf16 and --no-amp is off, as when amp was a boolean
+            kwargs.update(nargs="?", const="bf16", metavar="{" + ",".join(AMPS) + "}")
         parser.add_argument(flag, **kwargs)
+        if f.name == "amp":  # after --amp: the destination's default is --amp's
+            parser.add_argument("--no-amp", dest="amp", action="store_const", const="off",
+                                help="fp32 everywhere (the same as --amp off)")
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -213,6 +213,7 @@ def predict_files(model: nn.Module, tokenizer, data_dir: Path, out_dir: Path, ma
 
 def main(argv: list[str] | None = None) -> None:
     from .checkpoint import CheckpointUnreadable, load_model
+    from .config import resolve_amp
     from .config import resolve_data_dir, resolve_device
 
     from .cli import evaluate_parser
@@ -224,13 +225,15 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else Path(args.checkpoint) / "predictions"
     try:
         model, tokenizer, cfg = load_model(Path(args.checkpoint), device)
+        amp, amp_reason = resolve_amp(cfg.amp, device)  # as the run trained and evaluated
+        logger.info("compute: %s", amp_reason)
         if args.predict:
             files = read_unlabelled([Path(p) for p in args.predict])  # all checked before anything is written
             result = predict_unlabelled(model, tokenizer, files, out, cfg.max_length, args.batch_size, device,
-                                        amp=device.type == "cuda")
+                                        amp=amp)
         else:
             result = predict_files(model, tokenizer, resolve_data_dir(args.data_dir), out, cfg.max_length,
-                                   args.batch_size, device, amp=device.type == "cuda")
+                                   args.batch_size, device, amp=amp)
     except (FileNotFoundError, DataError, CheckpointUnreadable) as exc:
         logger.error("%s", exc)
         sys.exit(1)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (CheckpointUnreadable, ResumeError, RunMismatch, load_checkpoint, remove_stale_temp_files,
                          run_identity, save_checkpoint, set_rng_states, verify_identity, write_run_files)
-from .config import TrainConfig, resolve_data_dir, resolve_device
+from .config import TrainConfig, resolve_amp, resolve_data_dir, resolve_device
 from .data import Batch, TaskData, TaskStream, joint_inputs, load_splits
 from .evaluate import evaluate
 from .inputs import batch_pieces, embed_pieces, input_mode
@@ -260,7 +260,8 @@ def _train(cfg: TrainConfig, device: torch.device, prepared: Prepared | None, ou
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    amp = cfg.amp and device.type == "cuda"
+    amp, amp_reason = resolve_amp(cfg.amp, device)  # training and evaluation alike
+    logger.info("compute: %s", amp_reason)
     train_data = {t: d.to(device) for t, d in prepared.train.items()}
     dev_data = {t: d.to(device) for t, d in prepared.dev.items()}
     round_to = 8 if device.type == "cuda" else 1

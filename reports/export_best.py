@@ -99,7 +99,9 @@ def export_best(study: optuna.Study, spec: StudySpec, out_dir: Path, data_dir: s
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         shutil.copytree(source, stage / "checkpoint")
-        amp = cfg.amp and device.type == "cuda"
+        from mtbert.config import resolve_amp
+
+        amp = resolve_amp(cfg.amp, device)[0]  # as the trial trained and evaluated
         try:
             metrics = predict_files(model, tokenizer, data, stage / "predictions", cfg.max_length,
                                     cfg.eval_batch_size, device, amp=amp)

@@ -101,7 +101,9 @@ def make_run(prepared: Prepared, cfg: TrainConfig, device: torch.device, total_s
     per_epoch = len(epoch_plan(streams, True, 0))
     total = total_steps or per_epoch * cfg.epochs
     optimizer, scheduler = build_optimizer(model, cfg, device, total)
-    amp = cfg.amp and device.type == "cuda"
+    from mtbert.config import resolve_amp
+
+    amp = resolve_amp(cfg.amp, device)[0]
     stats = StepStats(device)
     stepper = StaticStep(model, optimizer, scheduler, data, cfg, amp, total, stats, graphs=graphs)
     return model, optimizer, scheduler, streams, stepper, stats, amp
