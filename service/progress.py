@@ -163,7 +163,8 @@ class BarDisplay(LineDisplay):
 
     def status(self, study: optuna.Study, spec: StudySpec, trials: Sequence[FrozenTrial]) -> None:
         counts = Counter(t.state for t in trials)
-        self.bar.n = min(sum(counts[s] for s in FINISHED), spec.n_trials)
+        self.bar.total = budget = study_budget(study, spec)  # the recorded budget: it may change mid-run
+        self.bar.n = min(sum(counts[s] for s in FINISHED), budget)
         running = [f"#{t.number} epoch {max(t.intermediate_values, default=0)}/{planned_epochs(t, spec)}"
                    for t in trials if t.state == TrialState.RUNNING]
         text = progress_text(study, spec, counts, trials)  # this poll's snapshot: no second read of the storage

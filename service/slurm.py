@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 
 import storage as storage_lib
 from service.progress import follow, last_error_line
-from service.study import FINISHED, override_argv, speed_argv, study_key, trial_counts
+from service.study import FINISHED, override_argv, speed_argv, study_budget, study_key, trial_counts
 from studies import StudySpec
 
 logger = logging.getLogger("search")
@@ -399,7 +399,7 @@ def run_array(study_arg: str, study: optuna.Study, spec: StudySpec, url: str, ar
     tasks = [ArrayTask(job, i) for i in range(job.n_tasks)]
     try:
         follow(study, spec, tasks)
-        if sum(trial_counts(study)[s] for s in FINISHED) >= spec.n_trials:
+        if sum(trial_counts(study)[s] for s in FINISHED) >= study_budget(study, spec):
             job.cancel(pending_only=True)  # tasks not started yet would find nothing to do
             if not _wait_for_tasks(job, timeout=600):
                 logger.warning("tasks %s still running 10 minutes after the budget was met",
@@ -414,9 +414,9 @@ def run_array(study_arg: str, study: optuna.Study, spec: StudySpec, url: str, ar
         return 1
     failed = report_tasks(job)
     finished = sum(trial_counts(study)[s] for s in FINISHED)
-    if finished < spec.n_trials:
+    if finished < study_budget(study, spec):
         logger.error("every task of job array %s has ended with %d of %d trials finished; %s", job.job_id, finished,
-                     spec.n_trials, "fix what failed, then run the same command again" if failed
+                     study_budget(study, spec), "fix what failed, then run the same command again" if failed
                      else "run the same command again to continue the study")
         return 1
     return 1 if failed else 0

@@ -86,7 +86,8 @@ def add_override_arguments(parser: argparse.ArgumentParser) -> None:
                              "under two names, e.g. --study-name lr_dropout-smoke")
     group = parser.add_argument_group("overrides of the study file, recorded on the study")
     group.add_argument("--n-trials", type=int,
-                       help="global budget of finished (complete or pruned) trials (default: the study file's)")
+                       help="global budget of finished (complete or pruned) trials, for every worker (default: the study's "
+                            "recorded budget; a new study takes the file's, and an edit of the file's changes it)")
     group.add_argument("--epochs", type=int, help="epochs per trial (default: the study file's)")
     group.add_argument("--max-examples", type=int,
                        help="examples per task and split, 0 = all (default: the study file's, else 0)")
@@ -164,13 +165,34 @@ def open_study(spec: StudySpec, url: str | None, overrides: dict[str, Any], seed
     check_data(study, spec)
     check_identity(study, spec)
     record = dict(overrides)
-    if spec.n_trials != recorded_budget(study.user_attrs):
+    if "n_trials" in overrides:
+        if overrides["n_trials"] != recorded_budget(study.user_attrs):
+            check_budget(study, spec)
+    elif file_budget_edited(study, spec):
         check_budget(study, spec)
-        record.setdefault("n_trials", spec.n_trials)  # a budget changed in the file is recorded like --n-trials
+        record["n_trials"] = spec.n_trials  # a budget changed in the file is recorded like --n-trials
     if record:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         study.set_user_attr(f"overrides {stamp} {role}@{socket.gethostname()}:{os.getpid()}", record)
     return study
+
+
+FILE_BUDGET_ATTR = "file_n_trials"  # study system attr: the study file's n_trials when a command last read it
+
+
+def file_budget_edited(study: optuna.Study, spec: StudySpec) -> bool:
+    """Whether the study file's n_trials was edited since a command last read it (and note the value now).
+
+    A command without --n-trials runs on the study's recorded budget, not the file's: a worker that joins
+    a `--n-trials 20` study with a plain command must not set its budget back to the file's 40 or 8. Only
+    an edit of the file (its value differs from the one read last time) is a new budget.
+    """
+    attrs = optuna_compat.study_system_attrs(study)
+    seen = attrs.get(FILE_BUDGET_ATTR)
+    if seen != spec.n_trials:
+        optuna_compat.set_study_system_attr(study, FILE_BUDGET_ATTR, spec.n_trials)
+    # first read (a new study, or one created before this attr existed): the file's value is not an edit
+    return seen is not None and seen != spec.n_trials and spec.n_trials != recorded_budget(study.user_attrs)
 
 
 def spec_file(spec: StudySpec) -> str:

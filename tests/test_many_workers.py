@@ -15,7 +15,7 @@ import pytest
 from optuna.trial import TrialState
 
 import storage as storage_lib
-from service.study import open_study
+from service.study import open_study, study_budget
 from studies import load_spec
 from worker import Worker
 
@@ -350,8 +350,28 @@ def test_two_searches_and_a_worker_stopped_and_restarted_train_no_configuration_
     repeated = {config: roots for config, roots in by_config.items() if len(roots) > 1}
     assert not repeated, repeated
     assert len({tuple(sorted(t.params.items())) for t in finished}) == budget
+    from storage.optuna_compat import handed_back
+
     for t in trials:  # only hand-backs failed: no live trial was declared stale by the skewed worker
         if t.state == TrialState.FAIL:
-            assert t.user_attrs.get("fail_reason") == "worker stopped by a signal; retried", (t.number, t.user_attrs)
+            assert handed_back(t), (t.number, t.user_attrs)
+            assert t.user_attrs.get("fail_reason", "").startswith("stopped by a signal; "), (t.number, t.user_attrs)
         for previous in t.user_attrs.get("previous_fail_reasons") or []:
-            assert previous["reason"] == "worker stopped by a signal; retried", (t.number, previous)
+            assert previous["reason"].startswith("stopped by a signal; "), (t.number, previous)
+
+
+def test_a_plain_command_keeps_the_recorded_budget(tmp_path, tiny_model, tiny_data):
+    """A worker that joins a `--n-trials 3` study without --n-trials must not set the budget back to the
+    file's (review of issue 17, finding 5): only --n-trials or an edit of the file changes it."""
+    url = f"sqlite:///{tmp_path / 'plain.db'}"
+    spec5 = load_spec(write_study(tmp_path, "plain", tiny_model, tiny_data, n_trials=5))
+    smoke, given = spec5.with_overrides(n_trials=3)
+    study = open_study(smoke, url, given)
+    assert study_budget(study, smoke) == 3
+    study = open_study(spec5, url, {})  # a plain `worker.py --study plain`
+    assert study_budget(study, spec5) == 3
+    spec7 = load_spec(write_study(tmp_path, "plain", tiny_model, tiny_data, n_trials=7))  # the file edited
+    study = open_study(spec7, url, {})
+    assert study_budget(study, spec7) == 7
+    study = open_study(spec7, url, {})  # read again, unchanged: still 7
+    assert study_budget(study, spec7) == 7
