@@ -75,9 +75,11 @@ class Worker:
 
     def __init__(self, study: optuna.Study, spec: StudySpec, device: str | None = None, progress: bool = True,
                  max_failures: int = 3, poll_seconds: float = 5.0, checkpoint_root: Path | None = None,
-                 artifact_store=None, step: str | None = None):
+                 artifact_store=None, step: str | None = None,
+                 amp: str | None = None):
         self.study, self.spec, self.device = study, spec, device
         self.step = step  # --step: a speed setting over the study's [train] step (None: the study's)
+        self.amp = amp  # --amp: likewise, over [train] amp
         self.artifact_store = artifact_store  # default: storage.artifact_store(), opened at the first record
         self.progress, self.max_failures, self.poll_seconds = progress, max_failures, poll_seconds
         # trial folders are <root>/<study uuid>/trial-<n> (service.study.trial_dir); nothing outside is deleted
@@ -230,7 +232,7 @@ class Worker:
             values = self.confirmation.trial_values(trial, self.spec)
         else:
             values = self.spec.suggest(trial)
-        speed = {k: v for k, v in (("device", self.device), ("step", self.step)) if v}
+        speed = {k: v for k, v in (("device", self.device), ("step", self.step), ("amp", self.amp)) if v}
         cfg = TrainConfig().replace(**{**values, **speed})
         self.prepare(cfg)  # a no-op unless the space searches the model or the data
         history = optuna_compat.retry_history(self.study, trial)
@@ -267,6 +269,8 @@ class Worker:
             trial.set_user_attr("epoch_seconds", epoch_seconds)
             if not result.resumed and result.step_kind:  # which training step made this score (mtbert.static_step)
                 trial.set_user_attr("step", result.step_kind)
+            if result.amp:  # and in which precision ("auto" resolves per machine: bf16 or off)
+                trial.set_user_attr("amp", result.amp)
             per_epoch.append({"epoch": result.epoch, **scores, "seconds": round(result.seconds, 2)})
             trial.set_user_attr("history", per_epoch)
             with warnings.catch_warnings():  # a resumed epoch may have been reported before the crash
@@ -414,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         worker = Worker(study, spec, device=device, progress=args.progress, max_failures=args.max_failures,
-                        poll_seconds=args.poll_seconds, step=args.step)
+                        poll_seconds=args.poll_seconds, step=args.step, amp=args.amp)
     except storage_lib.StorageConfigError as exc:  # e.g. MTBERT_CHECKPOINT_DIR cannot be created
         logger.error("%s", exc)
         return 2

@@ -15,6 +15,7 @@ CUDA's current device throughout (mtbert.static_step.device_guard).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import random
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (CheckpointUnreadable, ResumeError, RunMismatch, load_checkpoint, remove_stale_temp_files,
                          run_identity, save_checkpoint, set_rng_states, verify_identity, write_run_files)
-from .config import TrainConfig, resolve_amp, resolve_data_dir, resolve_device
+from .config import TrainConfig, amp_label, resolve_amp, resolve_data_dir, resolve_device
 from .data import Batch, TaskData, TaskStream, joint_inputs, load_splits
 from .evaluate import evaluate
 from .inputs import batch_pieces, embed_pieces, input_mode
@@ -71,6 +72,7 @@ class EpochResult:
     resumed: bool = False  # True: replayed from a checkpoint, not trained in this call
     peak_memory_bytes: int | None = None  # CUDA: peak memory allocated by this process so far in the run
     step_kind: str = ""  # the training step that ran this epoch: eager, static, graphs, 'graphs, then eager'
+    amp: str = ""  # what it computed in, as TrainConfig.amp resolved on this device: "bf16" or "off"
     # dev predictions behind `metrics` (task -> array in dev order); None for replayed epochs
     predictions: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
@@ -262,6 +264,9 @@ def _train(cfg: TrainConfig, device: torch.device, prepared: Prepared | None, ou
         torch.backends.cudnn.allow_tf32 = True
     amp, amp_reason = resolve_amp(cfg.amp, device)  # training and evaluation alike
     logger.info("compute: %s", amp_reason)
+    # the run's files record the resolved precision, not "auto": an export or evaluation on another machine
+    # computes as this run did, whatever that machine's CPU would resolve "auto" to
+    cfg = dataclasses.replace(cfg, amp=amp_label(amp))
     train_data = {t: d.to(device) for t, d in prepared.train.items()}
     dev_data = {t: d.to(device) for t, d in prepared.dev.items()}
     round_to = 8 if device.type == "cuda" else 1
@@ -347,7 +352,8 @@ def _train(cfg: TrainConfig, device: torch.device, prepared: Prepared | None, ou
                                         widths=stepper.widths if stepper is not None else None)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         result = EpochResult(epoch + 1, metrics, train_loss, time.perf_counter() - t0, step,
-                             peak_memory_bytes=peak, step_kind=ran, predictions=predictions)
+                             peak_memory_bytes=peak, step_kind=ran, amp=cfg.amp,
+                             predictions=predictions)
         history.append({k: v for k, v in result.to_dict().items() if k != "resumed"})
         results.append(result)
         scores = " ".join(f"{t} {metrics[TASK_TABLE[t].metric]:.3f}" for t in TASKS)

@@ -102,16 +102,20 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     """Speed settings shared by worker.py and search.py: how a trial runs, not what it computes, so
     they may differ between the workers of one study (studies.spec.RUNTIME_FIELDS) and are not
     recorded on the study; each trial records the step that ran (user attr `step`)."""
-    from mtbert.config import STEPS
+    from mtbert.config import AMPS, STEPS
 
     group = parser.add_argument_group("speed settings (any value joins an existing study)")
     group.add_argument("--step", choices=STEPS, default=None,
                        help="how each trial's training step runs: 'eager' (the step that has run on a GPU), "
                             "'static' or 'graphs' (opt-in, not yet run on a GPU: docs/gpu-steps.md), 'auto' "
                             "(eager) (default: the study file's [train] step, else auto)")
+    group.add_argument("--amp", choices=AMPS, default=None,
+                       help="precision: 'auto' (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), "
+                            "'bf16' or 'off' (fp32); each trial records what it computed in (user attr `amp`) "
+                            "(default: the study file's [train] amp, else auto)")
 
 
-SPEED_FLAGS: tuple[str, ...] = ("step",)  # argparse dests of add_speed_arguments
+SPEED_FLAGS: tuple[str, ...] = ("step", "amp")  # argparse dests of add_speed_arguments
 
 
 def speed_argv(args: argparse.Namespace) -> list[str]:

@@ -541,7 +541,7 @@ class _Loader:
 # not compared: how a run is executed, and where the data lives (nodes may mount it at different paths;
 # its content is compared instead: service.study.check_data)
 # step: eager, static and graphs compute the same function (tests/test_static_step.py; scripts/gpu_verify.sh on a GPU)
-RUNTIME_FIELDS = ("device", "eval_batch_size", "log_every", "compile", "data_dir", "step")
+RUNTIME_FIELDS = ("device", "eval_batch_size", "log_every", "compile", "data_dir", "step", "amp")
 # What a command line may override (StudySpec.with_overrides): override name -> its key in a recorded spec.
 # The flag of each is `override_flag(name)`; service.study builds worker argv from the same table.
 OVERRIDES: dict[str, str] = {"n_trials": "n_trials", "epochs": "train.epochs", "max_examples": "train.max_examples",

@@ -101,3 +101,19 @@ def test_auto_trains_and_evaluates_in_bf16_on_a_native_bf16_cpu(tiny_model: Path
     with caplog.at_level(logging.INFO, logger="mtbert.train"):
         train(cfg.replace(amp="off"), progress=False)
     assert "compute: fp32: amp is off" in caplog.text and seen and not any(bf16 for _, bf16 in seen)
+
+
+def test_a_run_records_the_precision_it_computed_in(tiny_model: Path, tiny_data: Path, tmp_path, monkeypatch):
+    """'auto' resolves per machine, so the run's config.json and each epoch say what it resolved to: an export
+    on another machine computes as the run did, and a study can tell its bf16 trials from its fp32 ones."""
+    import json
+
+    monkeypatch.setattr(config, "cpu_native_bf16", lambda: (True, "the CPU has amx_bf16"))
+    cfg = TrainConfig(model=str(tiny_model), data_dir=str(tiny_data), epochs=1, batch_size=16, device="cpu",
+                      eval_batch_size=64, max_examples=16)
+    results = train(cfg, out_dir=tmp_path / "run", progress=False)
+    assert results[-1].amp == "bf16"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["amp"] == "bf16"
+    monkeypatch.setattr(config, "cpu_native_bf16", lambda: (False, "the CPU has neither"))
+    assert train(cfg, out_dir=tmp_path / "run2", progress=False)[-1].amp == "off"
+    assert json.loads((tmp_path / "run2" / "config.json").read_text())["amp"] == "off"
