@@ -19,7 +19,7 @@ import storage as storage_lib
 from mtbert.tasks import SCORE_NAMES
 from service.confirm import report_markdown as confirmation_section
 from service.progress import planned_epochs
-from service.study import recorded_budget, study_option
+from service.study import recorded_budget, recorded_spec, study_option, trial_config
 from service.ranking import best_trial, leaderboard, tally_text
 from service.markdown import markdown_table, number
 from studies import StudySpec
@@ -50,7 +50,7 @@ def write_report(study: optuna.Study, spec: StudySpec, out_dir: Path, storage_ur
     best = best_trial(study, spec)
     sections = [
         header(study, spec, trials, storage_url),
-        best_section(spec, best),
+        best_section(recorded_spec(study, spec), best),
         confirmation_section(study),
         pruning_section(spec, trials),
         top_trials_section(study, spec),
@@ -98,10 +98,10 @@ def best_section(spec: StudySpec, best: FrozenTrial | None) -> str:
         "Reproduce it:",
         "",
         "```bash",
-        train_command(reproduce_config(best), f"runs/{spec.name}-trial{best.number}"),
+        train_command(reproduce_config(spec, best), f"runs/{spec.name}-trial{best.number}"),
         "```",
     ]
-    if not reproduce_config(best).get("data_dir"):
+    if not reproduce_config(spec, best).get("data_dir"):
         lines.append("\n(The trial did not record its data folder: add `--data-dir` with the folder it trained on.)")
     return "\n".join(lines)
 
@@ -171,10 +171,12 @@ def plots_section(study: optuna.Study, trials: list[FrozenTrial], spec: StudySpe
 # ------------------------------------------------------------ helpers
 
 
-def reproduce_config(trial: FrozenTrial) -> dict[str, Any]:
-    """The trial's training config, with the data folder it actually read when that came from $MTBERT_DATA_DIR
-    (recorded by the worker as user attr `data_dir`), so the command runs in a fresh shell."""
-    config = dict(trial.user_attrs.get("config") or trial.params)
+def reproduce_config(spec: StudySpec, trial: FrozenTrial) -> dict[str, Any]:
+    """The trial's training config rebuilt from the study's recorded spec and its params (never from its
+    `config` user attr, which a dashboard can write: a command users copy must not carry an injected
+    model path), with the data folder it read when that came from $MTBERT_DATA_DIR (user attr `data_dir`),
+    so the command runs in a fresh shell."""
+    config = trial_config(spec, trial)
     if not config.get("data_dir") and trial.user_attrs.get("data_dir"):
         config["data_dir"] = trial.user_attrs["data_dir"]
     return config

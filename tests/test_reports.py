@@ -232,7 +232,35 @@ def test_the_reproduce_command_is_the_best_trial_s_exact_config(recorded, tmp_pa
     parser.add_argument("--out")
     args = vars(parser.parse_args(command))
     assert args.pop("out") == f"runs/{recorded['name']}-trial{best.number}"
-    assert TrainConfig(**args).to_dict() == best.user_attrs["config"]
+    recorded_config = {**best.user_attrs["config"], "device": TrainConfig().device}  # any device reproduces it
+    assert TrainConfig(**args).to_dict() == recorded_config
+
+
+def test_the_reproduce_command_ignores_a_tampered_config_attr(recorded, tmp_path):
+    """The `config` user attr is writable from a dashboard: the command a user copies is rebuilt from the
+    recorded spec and the trial's params, so an injected model path never reaches it (issue 17, finding 8)."""
+    import sqlite3
+
+    db = Path(recorded["url"].removeprefix("sqlite:///"))
+    copy = tmp_path / db.name
+    with sqlite3.connect(db) as source, sqlite3.connect(copy) as target:
+        source.backup(target)  # the WAL's pages too
+    url = f"sqlite:///{copy}"
+    study = load(url, recorded["name"])
+    best = max(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
+    tampered = {**best.user_attrs["config"], "model": "/home/attacker/evil-model"}
+    import json
+
+    with sqlite3.connect(copy) as db_:  # as a dashboard's POST /api/trials/N/user-attrs would
+        db_.execute("UPDATE trial_user_attributes SET value_json = ? WHERE trial_id = ? AND key = 'config'",
+                    (json.dumps(tampered), best._trial_id))
+    assert load(url, recorded["name"]).get_trials()[best.number].user_attrs["config"]["model"].endswith("evil-model")
+    out = tmp_path / "report"
+    proc = cli({**recorded, "env": {**recorded["env"], "MTBERT_STORAGE": url}}, "--report", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    text = (out / "report.md").read_text()
+    assert "evil-model" not in text
+    assert re.search(r"^python -m mtbert\.train .*--model ", text, re.M)  # the study's own model
 
 
 def synthetic_study(folder: Path, trials: list[optuna.trial.FrozenTrial]) -> dict:
