@@ -334,8 +334,8 @@ def test_a_cuda_device_without_cuda_is_refused_before_any_trial(tmp_path, tiny_m
     ("MTBERT_MAX_RETRY", "1.5", "MTBERT_MAX_RETRY='1.5': must be a whole number >= 0"),
     ("MTBERT_STORAGE_OUTAGE_SECONDS", "soon", "MTBERT_STORAGE_OUTAGE_SECONDS='soon': must be a number >= 0"),
 ])
-def test_bad_heartbeat_settings_are_one_line(tmp_path, tiny_model, name, value, problem):
-    study_file = write_study(tmp_path, "beats", tiny_model, tmp_path / "no-data", n_trials=1, epochs=1)
+def test_bad_heartbeat_settings_are_one_line(tmp_path, tiny_model, tiny_data, name, value, problem):
+    study_file = write_study(tmp_path, "beats", tiny_model, tiny_data, n_trials=1, epochs=1)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MTBERT_HEARTBEAT")}
     proc = run("worker.py", "--study", str(study_file), "--storage", f"sqlite:///{tmp_path / 'h.db'}",
                environ={**clean, name: value})

@@ -346,6 +346,8 @@ def test_two_searches_and_a_worker_stopped_and_restarted_train_no_configuration_
 
     by_config: dict[tuple, set[int]] = {}
     for t in trials:  # a configuration is trained by one retry chain only
+        if not t.params:  # handed back before it drew anything: no configuration was trained
+            continue
         by_config.setdefault(tuple(sorted(t.params.items())), set()).add(trial_root(t))
     repeated = {config: roots for config, roots in by_config.items() if len(roots) > 1}
     assert not repeated, repeated

@@ -217,7 +217,7 @@ def test_search_runs_a_study_and_never_shows_the_password(tmp_path, tiny_model, 
                              clean_pg_url], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and "budget 2" in status.stdout
     study = load(clean_pg_url, "demo")
-    logs = "".join(p.read_text() for p in (ROOT / "storage" / "logs" / study_key(study)).glob("*.log"))
+    logs = "".join(p.read_text() for p in (storage_lib.STORAGE_DIR / "logs" / study_key(study)).glob("*.log"))
     assert "worker done" in logs
     for text in (proc.stdout, proc.stderr, status.stdout, status.stderr, logs):
         assert password not in text
