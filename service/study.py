@@ -75,7 +75,7 @@ def bounded(kind: type, low: float, high: float | None = None):
     return parse
 
 
-SEED = bounded(int, 0, 2**31 - 1)  # numpy's and Optuna's samplers take 0 .. 2**32 - 1; workers add their index
+SEED = bounded(int, 0, 2**31 - 1)  # numpy's and Optuna's samplers take 0 .. 2**32 - 1; trial k draws with trial_seed(seed, k)
 
 
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:
@@ -453,6 +453,11 @@ def identity_differences(recorded: dict[str, Any], local: dict[str, Any]) -> lis
     return lines
 
 
+def _known_encoder(encoder: Any) -> bool:
+    """An encoder identity with a content hash (provenance.encoder_identity says "unknown" without the files)."""
+    return isinstance(encoder, dict) and encoder.get("sha256") not in (None, "unknown")
+
+
 def check_identity(study: optuna.Study, spec: StudySpec) -> None:
     """The first opener records what the study's trials train with; a later one that would train with
     something else (another encoder behind the same name, another TrainConfig default, other training
@@ -465,8 +470,14 @@ def check_identity(study: optuna.Study, spec: StudySpec) -> None:
             if recorded is None:
                 optuna_compat.set_study_system_attr(study, IDENTITY_ATTR, local)
                 return
-    if "encoder" not in recorded and "encoder" in local:  # recorded by a node without the model: complete it
-        optuna_compat.set_study_system_attr(study, IDENTITY_ATTR, {**recorded, "encoder": local["encoder"]})
+    if not _known_encoder(recorded.get("encoder")) and _known_encoder(local.get("encoder")):
+        # recorded by a node without the model (no encoder, or its hash "unknown"): the first node that has it
+        # completes the record, under the lock, so the check is never switched off for the study
+        with storage_lib.trial_slot_lock(optuna_compat.rdb_storage(study), study.study_name):
+            recorded = optuna_compat.study_system_attrs(study).get(IDENTITY_ATTR) or {}
+            if not _known_encoder(recorded.get("encoder")):
+                recorded = {**recorded, "encoder": local["encoder"]}
+                optuna_compat.set_study_system_attr(study, IDENTITY_ATTR, recorded)
     differences = identity_differences(recorded, local)
     if differences:
         raise StudyMismatch(f"refusing to join study {study.study_name!r}: this worker would change its results: "

@@ -556,7 +556,7 @@ def override_flag(name: str) -> str:
 def _result_fields(spec: dict[str, Any]) -> dict[str, Any]:
     """The parts of a recorded spec (StudySpec.to_dict()) that change results, flattened to dotted keys:
     direction, metric, [train] without RUNTIME_FIELDS, every [space] param's keys, [sampler] without its
-    seed (each worker samples with its own), [pruner]."""
+    seed (the study records its own: trial k draws with trial_seed(seed, k)), [pruner]."""
     out: dict[str, Any] = {"direction": spec.get("direction"), "metric": spec.get("metric")}
     for key, value in (spec.get("train") or {}).items():
         if key not in RUNTIME_FIELDS:

@@ -379,3 +379,30 @@ def test_a_plain_command_keeps_the_recorded_budget(tmp_path, tiny_model, tiny_da
     assert study_budget(study, spec7) == 7
     study = open_study(spec7, url, {})  # read again, unchanged: still 7
     assert study_budget(study, spec7) == 7
+
+
+def test_an_encoder_recorded_as_unknown_is_completed_by_the_first_node_that_has_it(tmp_path, tiny_model, tiny_data,
+                                                                                  monkeypatch):
+    """A login node without the model records the encoder's hash as "unknown"; that must not switch the
+    encoder check off for the study: the first worker with the files completes the record, and a worker
+    with another encoder is then refused (review of issue 17, finding 3)."""
+    import service.study as study_mod
+    from service.study import StudyMismatch
+
+    real = study_mod.local_identity
+    spec = load_spec(write_study(tmp_path, "unknown", tiny_model, tiny_data, n_trials=1))
+    url = f"sqlite:///{tmp_path / 'u.db'}"
+
+    def with_encoder(sha):
+        def identity(spec_):
+            out = real(spec_)
+            return {**out, "encoder": {**out["encoder"], "sha256": sha}}
+        return identity
+
+    monkeypatch.setattr(study_mod, "local_identity", with_encoder("unknown"))
+    open_study(spec, url, {})  # the login node
+    monkeypatch.setattr(study_mod, "local_identity", real)
+    open_study(spec, url, {})  # a worker with the model: completes the record
+    monkeypatch.setattr(study_mod, "local_identity", with_encoder("sha256:" + "f" * 64))
+    with pytest.raises(StudyMismatch, match="encoder"):
+        open_study(spec, url, {})
