@@ -299,6 +299,9 @@ class _Loader:
     def train_value(self, field: str, key: str, value: Any) -> None:
         if key not in self.fields:
             self.fail(field, f"{key!r} is not a TrainConfig field")
+        if key == "amp" and isinstance(value, bool):  # amp was a boolean before it had three values
+            now = '"auto"' if value else '"off"'
+            self.fail(field, f'amp is "auto", "bf16" or "off" now: write amp = {now} for the old {str(value).lower()}')
         if not _accepts(value, self.types[key]):
             self.fail(field, f"expected {' or '.join(t.__name__ for t in self.types[key])}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):

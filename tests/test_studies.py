@@ -566,3 +566,14 @@ def test_invalid_reference_names_file_and_field(tmp_path: Path, changes: dict, f
         load_spec(path)
     assert str(info.value).startswith(f"{path}: {field}: "), str(info.value)
     assert fragment in str(info.value)
+
+
+def test_an_old_boolean_amp_is_refused_with_the_value_to_write(tmp_path):
+    """amp became auto/bf16/off: a study file with the old `amp = true` gets one line saying what to write."""
+    from studies import StudySpecError, load_spec
+
+    source = (Path(__file__).resolve().parents[1] / "studies" / "quickstart.toml").read_text()
+    path = tmp_path / "old.toml"
+    path.write_text(source.replace("[train]\n", "[train]\namp = true\n", 1))
+    with pytest.raises(StudySpecError, match='train.amp: amp is "auto", "bf16" or "off" now: write amp = "auto"'):
+        load_spec(str(path))
