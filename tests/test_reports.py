@@ -309,7 +309,9 @@ def test_export_best_copies_the_checkpoint_and_writes_cs224n_predictions(recorde
     summary = json.loads((out / "best_trial.json").read_text())
     assert summary["trial"] == best.number and summary["overall"] == best.value
     model, _, cfg = load_model(out / "checkpoint")
-    assert cfg.to_dict() == best.user_attrs["config"]
+    # the checkpoint records the precision the run resolved "auto" to (bf16 or off); the rest is the trial's config
+    assert cfg.amp in ("bf16", "off") and best.user_attrs["config"]["amp"] == "auto"
+    assert {**cfg.to_dict(), "amp": "auto"} == best.user_attrs["config"]
     expected = {"sst-dev-output.csv": "Predicted_Sentiment", "para-dev-output.csv": "Predicted_Is_Paraphrase",
                 "sts-dev-output.csv": "Predicted_Similiarity", "sst-test-output.csv": "Predicted_Sentiment",
                 "sts-test-output.csv": "Predicted_Similiarity"}  # tiny data has no Quora test file, like CS224N's

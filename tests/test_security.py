@@ -324,6 +324,9 @@ def test_a_study_renamed_under_a_running_worker_is_one_line_and_its_trial_can_be
     renamed = optuna.load_study(study_name="renamed", storage=storage_lib.open_storage(url))
     assert [t.state for t in renamed.trials] == [TrialState.RUNNING]
     assert optuna_compat.adopt_unbeaten_trials(renamed) == [renamed.trials[0]._trial_id]
+    # SQLite judges staleness on this process's monotonic clock (issue 17, finding 2): a first look notes the
+    # adopted beat, a look after the grace period with the beat unchanged fails the trial
+    fail_stale_trials(renamed)
     time.sleep(3.5)
     fail_stale_trials(renamed)
     assert renamed.trials[0].state == TrialState.FAIL
