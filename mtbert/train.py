@@ -73,6 +73,8 @@ class EpochResult:
     peak_memory_bytes: int | None = None  # CUDA: peak memory allocated by this process so far in the run
     step_kind: str = ""  # the training step that ran this epoch: eager, static, graphs, 'graphs, then eager'
     amp: str = ""  # what it computed in, as TrainConfig.amp resolved on this device: "bf16" or "off"
+    eval_seconds: float = 0.0  # of `seconds`, the dev evaluation's share
+    checkpoint_seconds: float = 0.0  # writing this epoch's checkpoint (after `seconds`; 0 without out_dir)
     # dev predictions behind `metrics` (task -> array in dev order); None for replayed epochs
     predictions: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
@@ -348,12 +350,14 @@ def _train(cfg: TrainConfig, device: torch.device, prepared: Prepared | None, ou
         bar.close()
         if stepper is not None:
             stepper.end_epoch(step)  # optimizer and scheduler as the eager step leaves them
+        t_eval = time.perf_counter()
         metrics, predictions = evaluate(model, dev_data, cfg.eval_batch_size, amp, mode,
                                         widths=stepper.widths if stepper is not None else None)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        result = EpochResult(epoch + 1, metrics, train_loss, time.perf_counter() - t0, step,
+        t_end = time.perf_counter()
+        result = EpochResult(epoch + 1, metrics, train_loss, t_end - t0, step,
                              peak_memory_bytes=peak, step_kind=ran, amp=cfg.amp,
-                             predictions=predictions)
+                             eval_seconds=t_end - t_eval, predictions=predictions)
         history.append({k: v for k, v in result.to_dict().items() if k != "resumed"})
         results.append(result)
         scores = " ".join(f"{t} {metrics[TASK_TABLE[t].metric]:.3f}" for t in TASKS)
@@ -362,6 +366,7 @@ def _train(cfg: TrainConfig, device: torch.device, prepared: Prepared | None, ou
         if out is not None:
             save_checkpoint(out, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
                             step=step, history=history, identity=identity)
+            result.checkpoint_seconds = time.perf_counter() - t_end  # where a study's time goes (reports.costs)
         if callback is not None and callback(result):
             break
     return results

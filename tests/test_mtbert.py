@@ -199,6 +199,16 @@ def test_training_learns_and_reports_every_epoch(tiny_model, tiny_data):
     assert results[-1].train_loss < results[0].train_loss
 
 
+def test_epoch_result_splits_its_time_into_evaluation_and_the_checkpoint_write(tiny_model, tiny_data, tmp_path):
+    # a study's report says where its time went (reports.costs): training, dev evaluation, checkpoints
+    cfg = tiny_cfg(tiny_model, tiny_data, epochs=1)
+    prepared = prepare(cfg)
+    [saved] = train(cfg, prepared, out_dir=tmp_path / "run", progress=False)
+    assert 0 < saved.eval_seconds < saved.seconds and saved.checkpoint_seconds > 0
+    [unsaved] = train(cfg, prepared, progress=False)
+    assert unsaved.eval_seconds > 0 and unsaved.checkpoint_seconds == 0
+
+
 def test_callback_can_stop_training(tiny_model, tiny_data):
     results = train(tiny_cfg(tiny_model, tiny_data, epochs=5), callback=lambda r: r.epoch == 2, progress=False)
     assert len(results) == 2
