@@ -35,6 +35,7 @@ from pathlib import Path
 import optuna
 
 import storage as storage_lib
+from reports.confirmation import print_confirmation
 from service import confirm
 from service.launch import start_workers, stop_workers, worker_devices
 from service.progress import follow, print_summary, write_trials_csv
@@ -374,7 +375,7 @@ def run(argv: list[str] | None = None) -> int:
             print(f"budget met: {finished} of {spec.n_trials} trials finished; nothing to run (raise the budget "
                   f"with --n-trials N, or see --report)")
             print_summary(study, spec)
-            confirm.print_confirmation(study)
+            print_confirmation(study)
             return 0
         stopped = False
         if finished < spec.n_trials:
@@ -408,7 +409,7 @@ def run(argv: list[str] | None = None) -> int:
                 return 3
 
     df = print_summary(study, spec)
-    confirm.print_confirmation(study)
+    print_confirmation(study)
     if not df.empty and not args.status:
         print(f"\ntrials written to {write_trials_csv(df, study_key(study))}")
         if sum(n for state, n in trial_counts(study).items() if state in FINISHED) >= study_budget(study, spec):

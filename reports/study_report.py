@@ -17,7 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 import storage as storage_lib
 from mtbert.tasks import SCORE_NAMES
-from service.confirm import report_markdown as confirmation_section
+from reports.confirmation import report_markdown as confirmation_section
 from service.progress import planned_epochs
 from service.study import recorded_spec, study_budget, study_option, trial_config
 from service.ranking import best_trial, leaderboard, tally_text

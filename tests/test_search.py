@@ -17,7 +17,7 @@ import storage as storage_lib
 from studies import load_spec
 from tiny import write_data
 from service.study import open_study, study_key
-from worker import Worker
+from service.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
