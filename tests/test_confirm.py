@@ -182,6 +182,26 @@ def test_create_enqueues_each_slot_exactly_once(tmp_path):
     assert study.user_attrs["confirm"]["seeds"] == [1, 2, 3, 4]
 
 
+def test_a_worker_claims_a_confirmation_s_slots_only_and_a_search_s_samples_within_its_budget(tmp_path):
+    from service.worker import SearchTrials, trial_source
+
+    parent, spec, url = synthetic_parent(tmp_path)
+    study, cspec, _ = confirm.create(parent, spec, url, Request(3, 3))
+    source = trial_source(study)
+    assert isinstance(source, confirm.ConfirmationTrials) and isinstance(trial_source(parent), SearchTrials)
+    counts = {s: 0 for s in TrialState}
+    assert source.claim(study, cspec, {**counts, TrialState.RUNNING: 1}) == "wait"  # one may die and be retried
+    assert source.claim(study, cspec, {**counts, TrialState.COMPLETE: 8}) == "done"  # never a new sample
+    trial = source.claim(study, cspec, {**counts, TrialState.WAITING: 9})
+    assert trial.number == 0 and source.values(trial, cspec)["seed"] == 1  # the first enqueued slot
+    # a search: new samples until its budget of 5 is met, waiting while the rest runs elsewhere
+    search = SearchTrials()
+    assert search.claim(parent, spec, {**counts, TrialState.COMPLETE: 5}) == "done"
+    assert search.claim(parent, spec, {**counts, TrialState.COMPLETE: 3, TrialState.RUNNING: 2}) == "wait"
+    ranked = sorted(parent.trials, key=lambda t: -t.value)
+    assert search.kept(ranked, spec) == ranked[: spec.keep_best]
+
+
 def test_create_refuses_an_unfinished_search_and_an_earlier_study_of_the_same_name(tmp_path):
     parent, spec, url = synthetic_parent(tmp_path, n_trials=6)
     with pytest.raises(ConfirmError, match="has 5 of 6 trials finished and 0 running: its search must finish"):
