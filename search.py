@@ -35,12 +35,13 @@ from pathlib import Path
 import optuna
 
 import storage as storage_lib
+from reports.confirmation import print_confirmation
 from service import confirm
 from service.launch import start_workers, stop_workers, worker_devices
 from service.progress import follow, print_summary, write_trials_csv
 from service.slurm import add_slurm_arguments, check_arguments, run_array
 from service.study import (FINISHED, OVERRIDE_FLAGS, SEED, StudyIdentityError, add_override_arguments,
-                           add_speed_arguments, bounded, load_study_spec, open_study, recorded_budget, storage_url,
+                           add_speed_arguments, bounded, load_study_spec, open_study, storage_url,
                            study_budget, study_key, study_option, trial_counts)
 from mtbert.tasks import data_problem
 from studies import StudySpec, StudySpecError
@@ -255,8 +256,8 @@ def _load_existing(spec: StudySpec, url: str, study_arg: str) -> tuple[optuna.St
             spec = spec_from_dict(recorded)
         except StudySpecError as exc:  # recorded by an older version: fall back to the file
             logger.warning("recorded spec not usable (%s); using the file", exc)
-    budget = recorded_budget(study.user_attrs)
-    if budget is not None and budget != spec.n_trials:  # e.g. a smoke test's --n-trials: show the study's own
+    budget = study_budget(study, spec)
+    if budget != spec.n_trials:  # e.g. a smoke test's --n-trials: show the study's own
         spec = dataclasses.replace(spec, n_trials=budget)
     return study, spec
 
@@ -374,7 +375,7 @@ def run(argv: list[str] | None = None) -> int:
             print(f"budget met: {finished} of {spec.n_trials} trials finished; nothing to run (raise the budget "
                   f"with --n-trials N, or see --report)")
             print_summary(study, spec)
-            confirm.print_confirmation(study)
+            print_confirmation(study)
             return 0
         stopped = False
         if finished < spec.n_trials:
@@ -408,7 +409,7 @@ def run(argv: list[str] | None = None) -> int:
                 return 3
 
     df = print_summary(study, spec)
-    confirm.print_confirmation(study)
+    print_confirmation(study)
     if not df.empty and not args.status:
         print(f"\ntrials written to {write_trials_csv(df, study_key(study))}")
         if sum(n for state, n in trial_counts(study).items() if state in FINISHED) >= study_budget(study, spec):

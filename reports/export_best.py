@@ -25,7 +25,8 @@ from pathlib import Path
 
 import optuna
 
-from service.confirm import ConfirmError, export_choice
+from reports.confirmation import export_choice
+from service.confirm import ConfirmError
 from service.study import StudyIdentityError, run_id, study_uuid, trial_dir, trial_root
 from studies import StudySpec
 

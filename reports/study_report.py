@@ -17,9 +17,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 import storage as storage_lib
 from mtbert.tasks import SCORE_NAMES
-from service.confirm import report_markdown as confirmation_section
+from reports.confirmation import report_markdown as confirmation_section
 from service.progress import planned_epochs
-from service.study import recorded_budget, recorded_spec, study_option, trial_config
+from service.study import recorded_spec, study_budget, study_option, trial_config
 from service.ranking import best_trial, leaderboard, tally_text
 from service.markdown import markdown_table, number
 from studies import StudySpec
@@ -73,7 +73,7 @@ def header(study: optuna.Study, spec: StudySpec, trials: list[FrozenTrial], stor
         *([spec.description, ""] if spec.description else []),
         f"- storage: `{storage_lib.redact(storage_url)}`",
         f"- objective: {spec.direction} `{spec.metric}` on dev",
-        f"- trials: {finished} finished of a budget of {recorded_budget(study.user_attrs) or spec.n_trials}: "
+        f"- trials: {finished} finished of a budget of {study_budget(study, spec)}: "
         f"{tally_text(trials, prose=True)}",
         f"- browse every trial: `python search.py {study_option(spec)} --dashboard`",
     ]

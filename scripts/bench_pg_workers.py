@@ -3,7 +3,7 @@
     python scripts/bench_pg_workers.py --storage-file ~/.mtbert-storage            # 12 workers, 36 trials
     python scripts/bench_pg_workers.py --storage-file F --workers 24 --n-trials 72
 
-Starts N worker processes (worker.py's Worker, as SLURM array tasks run it) on a fresh study of a tiny random
+Starts N worker processes (service.worker's Worker, as SLURM array tasks run it) on a fresh study of a tiny random
 BERT and tiny data (tests/tiny.py), and measures:
 - connections the workers hold: pg_stat_activity sampled every 0.2 s, per worker (each worker sets its own
   application_name through PGAPPNAME), peak and mean over the run;
@@ -65,7 +65,7 @@ n_startup_trials = 4
 def run_child(study_file: Path, out: Path, checkpoints: Path) -> None:
     """One worker with Worker.claim and the slot lock timed; timings written to `out` as JSON."""
     import storage as storage_lib
-    import worker as worker_mod
+    import service.worker as worker_mod
     from service.study import configure_logging, open_study
     from studies import load_spec
 
@@ -91,7 +91,7 @@ def run_child(study_file: Path, out: Path, checkpoints: Path) -> None:
                        "outcome": result if isinstance(result, str) else "trial"})
         return result
 
-    storage_lib.trial_slot_lock = timed_lock  # worker.py calls it as storage_lib.trial_slot_lock
+    storage_lib.trial_slot_lock = timed_lock  # service/worker.py calls it as storage_lib.trial_slot_lock
     worker_mod.Worker.claim = timed_claim
     w = worker_mod.Worker(study, spec, device="cpu", progress=False, poll_seconds=1.0, checkpoint_root=checkpoints)
     ran = w.run()

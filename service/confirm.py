@@ -18,24 +18,23 @@ Recorded in the storage:
 - on each confirmation trial, user attrs "parent_trial" and "seed" (and the usual "config", whose seed
   is that seed);
 - on X, user attr "confirmed_by": "X:confirm".
-The statistics (mean and sd over seeds, paired t of the best against the runner-up) are service.stats.
+What a confirmation's results say (tables, verdicts, which trial --export-best takes) is reports/confirmation.py;
+the statistics (mean and sd over seeds, paired t of the best against the runner-up) are service.stats.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 import storage as storage_lib
-from mtbert.tasks import SCORE_NAMES, SCORES
+from mtbert.tasks import SCORES
 from storage import optuna_compat
-from service.markdown import markdown_table, number
-from service.ranking import best_trial, ranked_complete
-from service.stats import PairedComparison, mean_sd, paired_t, verdict
+from service.ranking import ranked_complete
 from service.study import (FINISHED, open_study, override_argv, recorded_spec, study_option, study_uuid,
                            trial_config, trial_counts)
 from studies import StudySpec, load_spec, spec_from_dict
@@ -156,7 +155,7 @@ def create(parent: optuna.Study, spec: StudySpec, url: str | None, request: Requ
         except KeyError:
             plan = None
         if plan is not None:
-            _check_parent(plan, parent_id, name)
+            check_parent(plan, parent_id, name)
             if request.top < len(plan["parents"]) or request.seeds < len(plan["seeds"]):
                 logger.info("%s already plans %d configuration(s) x %d seed(s); a confirmation only grows, so "
                             "that plan stays", name, len(plan["parents"]), len(plan["seeds"]))
@@ -202,7 +201,7 @@ def distinct_configurations(ranked: list[FrozenTrial]) -> list[FrozenTrial]:
     return out
 
 
-def _check_parent(plan: dict[str, Any], parent_id: str | None, name: str) -> None:
+def check_parent(plan: dict[str, Any], parent_id: str | None, name: str) -> None:
     """The confirmation must belong to this very study (its UUID), not an earlier one of the same name."""
     if parent_id is None or plan.get("study_uuid") != parent_id:
         raise ConfirmError(f"{name} confirms another study named {plan.get('study')} (study uuid "
@@ -246,22 +245,31 @@ def open_confirmation(study_arg: str, url: str | None, args: argparse.Namespace,
     return spec, open_study(spec, url, {}, seed=seed)
 
 
-# ------------------------------------------------------------ what the worker needs
+# ------------------------------------------------------------ what a worker needs (service.worker.TrialSource)
 
 
-class Confirmation:
-    """The plan of a confirmation study, as a worker uses it: each trial's configuration and seed."""
+class ConfirmationTrials:
+    """The trials of a confirmation study, as a worker claims and trains them (service.worker.TrialSource):
+    exactly its enqueued slots (and their retries), never a new sample; each with its parent trial's recorded
+    configuration and the slot's seed; the best seed's checkpoint of each configuration kept."""
 
     def __init__(self, plan: dict[str, Any]):
         self.plan = plan
         self.parents = {p["trial"]: p for p in plan["parents"]}
 
     @classmethod
-    def of(cls, study: optuna.Study) -> Confirmation | None:
+    def of(cls, study: optuna.Study) -> ConfirmationTrials | None:
+        """The confirmation plan recorded on `study` (X:confirm), or None for a study without one."""
         plan = study.user_attrs.get("confirm")
         return cls(plan) if plan else None
 
-    def trial_values(self, trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
+    def claim(self, study: optuna.Study, spec: StudySpec, counts: dict[TrialState, int]) -> optuna.Trial | str:
+        """An enqueued trial while one waits; "wait" while others run (one may die and be retried); else "done"."""
+        if counts[TrialState.WAITING]:
+            return study.ask()
+        return "wait" if counts[TrialState.RUNNING] else "done"
+
+    def values(self, trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
         """TrainConfig values of a confirmation trial: its parent's recorded config with the trial's seed
         (the device stays this worker's). The params are suggested too, from the enqueued fixed values,
         so that the dashboard and the leaderboard show them; they must agree with the parent's config."""
@@ -277,6 +285,10 @@ class Confirmation:
         # where this worker runs: its device, and its path to the data (the same files, checked by content)
         here = {k: spec.train[k] for k in ("device", "data_dir") if k in spec.train}
         return {**suggested, **config, **here, "seed": int(seed)}
+
+    def kept(self, ranked: list[FrozenTrial], spec: StudySpec) -> list[FrozenTrial]:
+        """The best seed of each configuration: what --export-best takes of the best configuration."""
+        return best_seed_per_configuration(ranked)
 
 
 def slot(trial: FrozenTrial) -> tuple[Any, Any]:
@@ -295,227 +307,3 @@ def best_seed_per_configuration(trials: list[FrozenTrial]) -> list[FrozenTrial]:
             seen.add(parent)
             out.append(t)
     return out
-
-
-# ------------------------------------------------------------ results
-
-
-@dataclass
-class ConfigResult:
-    """One confirmed configuration: its parent trial and its complete trials by seed."""
-
-    parent: dict[str, Any]
-    runs: dict[int, FrozenTrial] = field(default_factory=dict)  # seed -> complete confirmation trial
-
-    @property
-    def number(self) -> int:
-        return self.parent["trial"]
-
-    def values(self, key: str | None = None, seeds: list[int] | None = None) -> list[float]:
-        """Per seed: the study's metric (key None) or a recorded score."""
-        seeds = sorted(self.runs) if seeds is None else seeds
-        return [self.runs[s].value if key is None else self.runs[s].user_attrs.get(key) for s in seeds]
-
-    def mean_sd(self, key: str | None = None) -> tuple[float | None, float | None]:
-        return mean_sd([v for v in self.values(key) if v is not None])
-
-    def best_run(self, maximize: bool) -> FrozenTrial | None:
-        runs = sorted(self.runs.values(), key=lambda t: t.value, reverse=maximize)
-        return runs[0] if runs else None
-
-
-@dataclass
-class Summary:
-    """A confirmation's results: configurations best first by mean metric, and best against runner-up."""
-
-    name: str
-    plan: dict[str, Any]
-    configs: list[ConfigResult]
-    counts: dict[TrialState, int]
-    comparison: PairedComparison | None = None
-    failed: int = 0  # (configuration, seed) slots whose every attempt failed (see failed_slots)
-
-    @property
-    def maximize(self) -> bool:
-        return self.plan["direction"] == "maximize"
-
-    @property
-    def slots(self) -> int:
-        return len(self.plan["parents"]) * len(self.plan["seeds"])
-
-    @property
-    def complete(self) -> int:
-        return sum(len(c.runs) for c in self.configs)
-
-    def verdict(self) -> str:
-        if len(self.plan["parents"]) < 2 and self.plan.get("top", 2) < 2:
-            return "One configuration was asked for (--confirm 1): there is no runner-up to compare it with."
-        if len(self.plan["parents"]) < 2:
-            return ("The search completed one distinct configuration (its other trials were pruned, failed or "
-                    "repeated it): there is no runner-up to compare it with. A larger budget (--n-trials) gives a "
-                    "confirmation more to compare.")
-        if len(self.configs) < 2:
-            return "Only one configuration has complete seeds: nothing to compare it with."
-        a, b = self.configs[:2]
-        text = verdict(f"configuration #{a.number}", f"configuration #{b.number}", self.comparison, self.maximize)
-        return text[0].upper() + text[1:]
-
-    def search_best_sentence(self) -> str:
-        """Whether the search's single-seed winner is also the winner under fresh seeds."""
-        winner = next((c for c in self.configs if c.parent["search_rank"] == 1), None)
-        best = self.configs[0] if self.configs else None
-        if best is None:
-            return "No confirmation trial is complete yet."
-        if self.complete + self.failed < self.slots:  # a verdict on part of the seeds would read as final
-            return (f"So far {self.complete} of {self.slots} confirmation trials are complete: "
-                    f"no verdict on the search's best until all are.")
-        if len(self.configs) < 2:  # "also the best" of one would be empty
-            return (f"Under fresh seeds #{best.number} scores {best.mean_sd()[0]:.4f} on average "
-                    f"against {best.parent['value']:.4f} in the search.")
-        if winner is best:
-            return f"The search's single-seed best, #{best.number}, is also the best under fresh seeds."
-        first = next(p for p in self.plan["parents"] if p["search_rank"] == 1)
-        text = (f"The search's single-seed best was #{first['trial']}; under fresh seeds #{best.number} "
-                f"(search rank {best.parent['search_rank']}) is best.")
-        if winner is not None and winner is not self.configs[1]:  # the verdict above compared another pair
-            shared = sorted(set(best.runs) & set(winner.runs))
-            against = verdict(f"configuration #{best.number}", f"configuration #{winner.number}",
-                              paired_t(best.values(seeds=shared), winner.values(seeds=shared)), self.maximize)
-            text += f" Against the search's best: {against}"
-        return text
-
-
-def failed_slots(trials: list[FrozenTrial]) -> int:
-    """(configuration, seed) slots whose every attempt failed: an attempt handed back by a stopped or
-    killed worker is FAIL too, but its slot was retried, so it is not a failure of the slot."""
-    states: dict[tuple, set] = {}
-    for t in trials:
-        states.setdefault(slot(t), set()).add(t.state)
-    return sum(1 for v in states.values() if v == {TrialState.FAIL})
-
-
-def summarize(study: optuna.Study) -> Summary:
-    """Group the complete trials of a confirmation study by parent; rank by mean metric over seeds."""
-    plan = study.user_attrs["confirm"]
-    configs = {p["trial"]: ConfigResult(p) for p in plan["parents"]}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        parent, seed = slot(t)
-        if parent in configs and t.value is not None:
-            configs[parent].runs.setdefault(seed, t)
-    maximize = plan["direction"] == "maximize"
-    ranked = sorted((c for c in configs.values() if c.runs), key=lambda c: c.mean_sd()[0], reverse=maximize)
-    summary = Summary(study.study_name, plan, ranked, trial_counts(study),
-                      failed=failed_slots(study.get_trials(deepcopy=False)))
-    if len(ranked) >= 2:
-        shared = sorted(set(ranked[0].runs) & set(ranked[1].runs))
-        summary.comparison = paired_t(ranked[0].values(seeds=shared), ranked[1].values(seeds=shared))
-    return summary
-
-
-def load_confirmation(parent: optuna.Study) -> optuna.Study | None:
-    """X:confirm of study X in X's storage, or None; ConfirmError when it confirms an earlier X."""
-    name = parent.user_attrs.get("confirmed_by") or confirmation_name(parent.study_name)
-    try:
-        study = optuna.load_study(study_name=name, storage=optuna_compat.rdb_storage(parent))
-    except KeyError:
-        return None
-    plan = study.user_attrs.get("confirm")
-    if plan is None:
-        return None
-    _check_parent(plan, study_uuid(parent, create=False), name)
-    return study
-
-
-def compute(study: optuna.Study) -> tuple[int, int, float]:
-    """Trials, epochs trained (resumed epochs not counted twice) and seconds of trial time of a study."""
-    trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_complete]
-    epochs = sum(len(t.user_attrs.get("epoch_seconds") or []) for t in trials)
-    seconds = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials)
-    return len(trials), epochs, seconds
-
-
-def cost_sentence(parent: optuna.Study, study: optuna.Study) -> str:
-    s_trials, s_epochs, s_seconds = compute(parent)
-    c_trials, c_epochs, c_seconds = compute(study)
-    ratio = (f": {c_epochs / s_epochs:.2f}x the search's epochs, {c_seconds / s_seconds:.2f}x its trial time"
-             if s_epochs and s_seconds else "")
-    return (f"Compute: the confirmation trained {c_epochs} epochs in {c_trials} trials ({c_seconds:.0f} s of trial "
-            f"time), the search {s_epochs} epochs in {s_trials} trials ({s_seconds:.0f} s){ratio}.")
-
-
-def confirmation_table(summary: Summary) -> str:
-    """Markdown: per configuration, mean ± sd over seeds of the metric and of each task, the search's score beside."""
-    metric = summary.plan["metric"]
-    params = sorted({k for p in summary.plan["parents"] for k in p["params"]})
-    tasks = [k for k in SCORES if k != metric]
-    header = ["config", f"search {metric}", f"{metric} mean ± sd", *[f"{SCORE_NAMES[k]} mean ± sd" for k in tasks],
-              "seeds", "best seed (trial)", *params]
-    rows = []
-    for c in summary.configs:
-        best = c.best_run(summary.maximize)
-        rows.append([f"#{c.number} (search rank {c.parent['search_rank']})", number(c.parent["value"]),
-                     _mean_sd(c.mean_sd()), *[_mean_sd(c.mean_sd(k)) for k in tasks],
-                     f"{len(c.runs)} of {len(summary.plan['seeds'])}",
-                     f"{best.user_attrs.get('seed')} (#{best.number})" if best else "",
-                     *[number(c.parent["params"].get(k), ".4g") for k in params]])
-    return markdown_table(header, rows)
-
-
-def _mean_sd(pair: tuple[float | None, float | None]) -> str:
-    mean, sd = pair
-    if mean is None:
-        return ""
-    return f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
-
-
-def report_markdown(parent: optuna.Study, heading: str = "## Confirmation under fresh seeds") -> str | None:
-    """The confirmation section of X's report and summary; None where X has no confirmation."""
-    try:
-        study = load_confirmation(parent)
-    except ConfirmError as exc:
-        return f"{heading}\n\n{exc}"
-    if study is None:
-        return None
-    summary = summarize(study)
-    counts = summary.counts
-    lines = [heading, "",
-             f"Study `{summary.name}`: the top {len(summary.plan['parents'])} configurations of the search, "
-             f"each re-trained with seeds {', '.join(map(str, summary.plan['seeds']))} (full epochs, no pruning); "
-             f"{summary.complete} of {summary.slots} trials complete, {counts.get(TrialState.RUNNING, 0)} running, "
-             f"{counts.get(TrialState.WAITING, 0)} waiting, {summary.failed} failed. "
-             f"Configurations are named by their search trial; mean ± sample standard deviation over seeds."]
-    if summary.configs:
-        lines += ["", confirmation_table(summary), "", summary.verdict(), summary.search_best_sentence()]
-    lines += ["", cost_sentence(parent, study)]
-    return "\n".join(lines)
-
-
-def print_confirmation(parent: optuna.Study) -> None:
-    """The confirmation section under search.py's leaderboard (--status and after a run)."""
-    text = report_markdown(parent, heading=f"confirmation ({confirmation_name(parent.study_name)}):")
-    if text:
-        print("\n" + text)
-
-
-def export_choice(study: optuna.Study, spec: StudySpec
-                  ) -> tuple[optuna.Study, FrozenTrial | None, str, dict[str, Any]]:
-    """The study that holds the trial whose checkpoint --export-best takes, that trial, a sentence saying
-    why, and facts for best_trial.json: the best confirmed configuration's best seed (a trial of X:confirm)
-    when X has a confirmation, else X's best trial."""
-    confirmation = load_confirmation(study)
-    summary = summarize(confirmation) if confirmation is not None else None
-    if summary is None or not summary.configs:
-        best = best_trial(study, spec)
-        why = "no confirmation under fresh seeds" if summary is None else "its confirmation has no complete trial yet"
-        text = f"the search's best trial #{best.number} (single seed; {why})" if best else ""
-        return study, best, text, {"study": study.study_name}
-    config = summary.configs[0]
-    best = config.best_run(summary.maximize)
-    mean, sd = config.mean_sd()
-    text = (f"the best confirmed configuration, #{config.number} of {study.study_name} ({spec.metric} {_mean_sd((mean, sd))} "
-            f"over {len(config.runs)} seeds): its best seed {best.user_attrs['seed']}, trial #{best.number} of "
-            f"{summary.name}")
-    facts = {"study": summary.name, "confirmed": {"parent_study": study.study_name, "parent_trial": config.number,
-                                                  "seed": best.user_attrs["seed"], "mean": mean, "sd": sd,
-                                                  "seeds": sorted(config.runs), "verdict": summary.verdict()}}
-    return confirmation, best, text, facts

@@ -64,15 +64,23 @@ class EncoderSize:
         return cls(embeddings + c.num_hidden_layers * layer + h * h + h, h, c.num_hidden_layers)
 
 
+def sentences_per_row() -> int:
+    """Sentences one batch row puts through the encoder: one per sentence column of each task (a row holds
+    one example of every task; bi-encoding, the default, encodes each sentence on its own)."""
+    from mtbert.tasks import TASK_TABLE
+
+    return sum(len(task.sentence_columns) for task in TASK_TABLE.values())
+
+
 def worker_bytes(size: EncoderSize, batch_size: int = 40, max_length: int = 128) -> float:
     """Peak GPU memory of one worker at the widest step, estimated on the high side.
 
     16 bytes per parameter (fp32 weights, gradients, two AdamW moments), plus activations kept for
     the backward pass: ~34 x hidden bytes per token and layer in bf16 (Korthikanti et al. 2022;
-    SDPA keeps no seq x seq matrix) for 5 sentences per batch row at max_length, twice (a CUDA graph's
+    SDPA keeps no seq x seq matrix) for every sentence of a batch row (sentences_per_row) at max_length, twice (a CUDA graph's
     pool and the eager allocator's cache may each hold one step), plus the CUDA context.
     """
-    tokens = 5 * batch_size * max_length
+    tokens = sentences_per_row() * batch_size * max_length
     activations = 34 * size.hidden * tokens * size.layers
     return CONTEXT_BYTES + 16 * size.params + 2 * activations
 

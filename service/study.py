@@ -25,7 +25,7 @@ import weakref
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import optuna
 from optuna.trial import TrialState
@@ -170,7 +170,7 @@ def open_study(spec: StudySpec, url: str | None, overrides: dict[str, Any], seed
     check_identity(study, spec)
     record = dict(overrides)
     if "n_trials" in overrides:
-        if overrides["n_trials"] != recorded_budget(study.user_attrs):
+        if overrides["n_trials"] != study_budget(study):
             check_budget(study, spec)
     elif file_budget_edited(study, spec):
         check_budget(study, spec)
@@ -196,7 +196,7 @@ def file_budget_edited(study: optuna.Study, spec: StudySpec) -> bool:
     if seen != spec.n_trials:
         optuna_compat.set_study_system_attr(study, FILE_BUDGET_ATTR, spec.n_trials)
     # first read (a new study, or one created before this attr existed): the file's value is not an edit
-    return seen is not None and seen != spec.n_trials and spec.n_trials != recorded_budget(study.user_attrs)
+    return seen is not None and seen != spec.n_trials and spec.n_trials != study_budget(study)
 
 
 def spec_file(spec: StudySpec) -> str:
@@ -485,17 +485,23 @@ def check_identity(study: optuna.Study, spec: StudySpec) -> None:
                             f"file under a new name for a new study)")
 
 
-def recorded_budget(attrs: dict[str, Any]) -> int | None:
-    """The budget recorded on a study (its user attrs): the latest n_trials given, else its spec's."""
+def _recorded_budget(attrs: dict[str, Any]) -> int | None:
+    """The budget recorded in a study's user attrs: the latest n_trials given, else its spec's."""
     given = [attrs[k]["n_trials"] for k in sorted(attrs)
              if k.startswith("overrides ") and isinstance(attrs[k], dict) and "n_trials" in attrs[k]]
     return given[-1] if given else (attrs.get("spec") or {}).get("n_trials")
 
 
-def study_budget(study: optuna.Study, spec: StudySpec) -> int:
+@overload
+def study_budget(study: optuna.Study, spec: StudySpec) -> int: ...
+@overload
+def study_budget(study: optuna.Study, spec: None = None) -> int | None: ...
+def study_budget(study: optuna.Study, spec: StudySpec | None = None) -> int | None:
     """The one budget every worker and report goes by: the latest recorded on the study (a budget edited in
-    the file or given with --n-trials is recorded when a command opens the study), else the spec's."""
-    return recorded_budget(study.user_attrs) or spec.n_trials
+    the file or given with --n-trials is recorded when a command opens the study), else the spec's n_trials;
+    without a spec, None where the study records none."""
+    recorded = _recorded_budget(study.user_attrs)
+    return recorded if recorded or spec is None else spec.n_trials
 
 
 def check_budget(study: optuna.Study, spec: StudySpec) -> None:

@@ -1,4 +1,5 @@
-"""Confirmation under fresh seeds (service/confirm.py, service/stats.py, search.py --confirm, worker.py X:confirm)."""
+"""Confirmation under fresh seeds (service/confirm.py, reports/confirmation.py, service/stats.py, search.py --confirm,
+worker.py X:confirm)."""
 from __future__ import annotations
 
 import io
@@ -17,6 +18,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 import storage as storage_lib
+from reports import confirmation
 from service import confirm
 from service.confirm import ConfirmError, Request
 from service.stats import mean_sd, paired_t, t_quantile, verdict
@@ -24,7 +26,7 @@ from service.study import open_study, study_uuid
 from studies import StudySpecError, load_spec
 from test_search import env, load, write_study  # noqa: F401 - env is a fixture
 from tiny import write_data
-from worker import Worker
+from service.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 T_975_2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (any t table: 4.303)
@@ -180,6 +182,26 @@ def test_create_enqueues_each_slot_exactly_once(tmp_path):
     assert study.user_attrs["confirm"]["seeds"] == [1, 2, 3, 4]
 
 
+def test_a_worker_claims_a_confirmation_s_slots_only_and_a_search_s_samples_within_its_budget(tmp_path):
+    from service.worker import SearchTrials, trial_source
+
+    parent, spec, url = synthetic_parent(tmp_path)
+    study, cspec, _ = confirm.create(parent, spec, url, Request(3, 3))
+    source = trial_source(study)
+    assert isinstance(source, confirm.ConfirmationTrials) and isinstance(trial_source(parent), SearchTrials)
+    counts = {s: 0 for s in TrialState}
+    assert source.claim(study, cspec, {**counts, TrialState.RUNNING: 1}) == "wait"  # one may die and be retried
+    assert source.claim(study, cspec, {**counts, TrialState.COMPLETE: 8}) == "done"  # never a new sample
+    trial = source.claim(study, cspec, {**counts, TrialState.WAITING: 9})
+    assert trial.number == 0 and source.values(trial, cspec)["seed"] == 1  # the first enqueued slot
+    # a search: new samples until its budget of 5 is met, waiting while the rest runs elsewhere
+    search = SearchTrials()
+    assert search.claim(parent, spec, {**counts, TrialState.COMPLETE: 5}) == "done"
+    assert search.claim(parent, spec, {**counts, TrialState.COMPLETE: 3, TrialState.RUNNING: 2}) == "wait"
+    ranked = sorted(parent.trials, key=lambda t: -t.value)
+    assert search.kept(ranked, spec) == ranked[: spec.keep_best]
+
+
 def test_create_refuses_an_unfinished_search_and_an_earlier_study_of_the_same_name(tmp_path):
     parent, spec, url = synthetic_parent(tmp_path, n_trials=6)
     with pytest.raises(ConfirmError, match="has 5 of 6 trials finished and 0 running: its search must finish"):
@@ -197,20 +219,20 @@ def test_summary_table_sentences_and_export_choice(tmp_path):
     parent, spec, url = synthetic_parent(tmp_path)
     study, _, _ = confirm.create(parent, spec, url, Request(3, 3))
     run_synthetic(study, CONFIRMED)
-    summary = confirm.summarize(study)
+    summary = confirmation.summarize(study)
     assert [c.number for c in summary.configs] == [4, 0, 2]
     assert summary.configs[0].mean_sd() == pytest.approx((0.62, 0.02))
     assert summary.verdict() == ("Configuration #4 is better than configuration #0 (difference +0.0300, 95% CI "
                                  "[+0.0052, +0.0548], paired t over 3 seeds).")
     assert summary.search_best_sentence() == ("The search's single-seed best was #0; under fresh seeds #4 "
                                               "(search rank 2) is best.")
-    text = confirm.report_markdown(parent)
+    text = confirmation.report_markdown(parent)
     assert "| #4 (search rank 2) | 0.6600 | 0.6200 ± 0.0200 | 0.5200 ± 0.0200 | 0.7200 ± 0.0200 | 0.6200 ± 0.0200 " \
            "| 3 of 3 | 2 (#4) |" in text
     assert "| #0 (search rank 1) | 0.7000 | 0.5900 ± 0.0100 |" in text
     assert "9 of 9 trials complete" in text and summary.verdict() in text
     assert "Compute: the confirmation trained 18 epochs in 9 trials" in text
-    _, best, chosen, facts = confirm.export_choice(parent, spec)
+    _, best, chosen, facts = confirmation.export_choice(parent, spec)
     # the best seed of the best configuration (#4, seed 2: 0.64), not the best single run (#2, seed 2: 0.70)
     assert (best.user_attrs["parent_trial"], best.user_attrs["seed"], best.value) == (4, 2, 0.64)
     assert chosen.startswith("the best confirmed configuration, #4 of cf (overall 0.6200 ± 0.0200 over 3 seeds)")
@@ -221,7 +243,7 @@ def test_the_confirmed_best_against_a_search_best_ranked_lower_than_runner_up(tm
     parent, spec, url = synthetic_parent(tmp_path)
     study, _, _ = confirm.create(parent, spec, url, Request(3, 3))
     run_synthetic(study, {0: [0.50, 0.52, 0.51], 4: [0.60, 0.64, 0.62], 2: [0.55, 0.57, 0.56]})
-    summary = confirm.summarize(study)
+    summary = confirmation.summarize(study)
     assert [c.number for c in summary.configs] == [4, 2, 0]
     assert summary.verdict().startswith("Configuration #4 is better than configuration #2 (difference +0.0600")
     # #4 - #0 = 0.10, 0.12, 0.11: mean 0.11, sd 0.01, 95% CI 0.11 -+ 0.0248
@@ -233,9 +255,9 @@ def test_the_confirmed_best_against_a_search_best_ranked_lower_than_runner_up(tm
 
 def test_without_a_confirmation_export_takes_the_search_best(tmp_path):
     parent, spec, _ = synthetic_parent(tmp_path)
-    _, best, chosen, facts = confirm.export_choice(parent, spec)
+    _, best, chosen, facts = confirmation.export_choice(parent, spec)
     assert best.number == 0 and "single seed; no confirmation" in chosen and facts == {"study": "cf"}
-    assert confirm.report_markdown(parent) is None
+    assert confirmation.report_markdown(parent) is None
 
 
 def test_a_search_with_one_complete_configuration_says_why_there_is_nothing_to_compare(tmp_path, caplog):
@@ -250,7 +272,7 @@ def test_a_search_with_one_complete_configuration_says_why_there_is_nothing_to_c
     assert added == 3 and "1 distinct complete configuration(s) (2 trial(s) pruned, 0 failed): confirming those, " \
         "not 3; a larger budget (--n-trials) completes more" in caplog.text
     run_synthetic(study, {0: [0.68, 0.70, 0.72]})
-    summary = confirm.summarize(study)
+    summary = confirmation.summarize(study)
     assert summary.verdict().startswith("The search completed one distinct configuration (its other trials were "
                                         "pruned, failed or repeated it): there is no runner-up to compare it with.")
     assert summary.search_best_sentence() == "Under fresh seeds #0 scores 0.7000 on average against 0.7000 in the search."
@@ -260,7 +282,7 @@ def test_one_configuration_asked_for_is_not_blamed_on_pruning(tmp_path):
     parent, spec, url = synthetic_parent(tmp_path)  # 4 distinct complete configurations
     study, _, _ = confirm.create(parent, spec, url, Request(1, 3))
     run_synthetic(study, {0: [0.68, 0.70, 0.72]})
-    assert confirm.summarize(study).verdict() == ("One configuration was asked for (--confirm 1): there is no "
+    assert confirmation.summarize(study).verdict() == ("One configuration was asked for (--confirm 1): there is no "
                                                   "runner-up to compare it with.")
 
 
@@ -270,7 +292,7 @@ def test_one_configuration_s_sentence_under_a_metric_that_is_not_a_recorded_scor
     assert spec.metric == "overall_normalized"
     study, _, _ = confirm.create(parent, spec, url, Request(3, 3))
     run_synthetic(study, {0: [0.68, 0.70, 0.72]})
-    assert confirm.summarize(study).search_best_sentence() == (
+    assert confirmation.summarize(study).search_best_sentence() == (
         "Under fresh seeds #0 scores 0.7000 on average against 0.7000 in the search.")
 
 
@@ -278,7 +300,7 @@ def test_two_configurations_that_cannot_be_told_apart(tmp_path):
     parent, spec, url = synthetic_parent(tmp_path)
     study, _, _ = confirm.create(parent, spec, url, Request(2, 3))
     run_synthetic(study, {0: [0.60, 0.62, 0.58], 4: [0.61, 0.59, 0.59]})
-    summary = confirm.summarize(study)
+    summary = confirmation.summarize(study)
     assert summary.verdict().startswith("Configuration #0 and configuration #4 cannot be told apart with 3 seeds")
     assert summary.search_best_sentence() == "The search's single-seed best, #0, is also the best under fresh seeds."
 
@@ -342,7 +364,7 @@ def test_a_failed_confirmation_trial_is_not_replaced_by_a_new_sample(tmp_path, t
     for t in trials[:2]:
         p = parent.trials[t.user_attrs["parent_trial"]]
         assert t.user_attrs["config"] == {**p.user_attrs["config"], "seed": 1}
-    text = confirm.report_markdown(parent)
+    text = confirmation.report_markdown(parent)
     assert "2 of 4 trials complete, 0 running, 0 waiting, 2 failed" in text and "| 1 of 2 |" in text
     assert "cannot be compared: they share fewer than 2 completed seeds" in text
 
@@ -405,13 +427,13 @@ def test_two_workers_run_the_confirmation_exactly_unpruned_with_the_parents_conf
     status = subprocess.run([sys.executable, "search.py", "--study", str(path), "--status"], cwd=ROOT, env=cli_env,
                             capture_output=True, text=True, timeout=300)
     assert status.returncode == 0, status.stderr
-    summary = confirm.summarize(study)
+    summary = confirmation.summarize(study)
     assert "confirmation (cf:confirm):" in status.stdout and summary.verdict() in status.stdout
     report = subprocess.run([sys.executable, "search.py", "--study", str(path), "--report", "--out",
                              str(tmp_path / "rep")], cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr
     text = (tmp_path / "rep" / "report.md").read_text()
-    assert "## Confirmation under fresh seeds" in text and confirm.confirmation_table(summary) in text
+    assert "## Confirmation under fresh seeds" in text and confirmation.confirmation_table(summary) in text
     out = tmp_path / "best"
     export = subprocess.run([sys.executable, "search.py", "--study", str(path), "--export-best", str(out)], cwd=ROOT,
                             env=cli_env, capture_output=True, text=True, timeout=300)
@@ -485,7 +507,7 @@ def test_search_py_confirm_runs_the_search_then_its_confirmation_once(tmp_path, 
     assert "e2e:confirm: 2 configuration(s) x 2 seed(s) = 4 trials; 4 enqueued now" in first.stderr
     study = load(url, "e2e:confirm")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
-    assert confirm.summarize(study).verdict() in first.stdout  # the summary ends with the confirmation
+    assert confirmation.summarize(study).verdict() in first.stdout  # the summary ends with the confirmation
     again = subprocess.run(command, cwd=ROOT, env={**env, "MTBERT_STORAGE": url}, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, again.stderr
@@ -502,13 +524,13 @@ def test_no_verdict_on_the_search_best_until_every_slot_is_settled(tmp_path):
     handed_back = study.ask()
     study.tell(handed_back, state=TrialState.FAIL)
     study.enqueue_trial(handed_back.params, user_attrs=dict(handed_back.user_attrs))  # its retry
-    summary = confirm.summarize(study)
+    summary = confirmation.summarize(study)
     assert summary.search_best_sentence() == ("So far 1 of 4 confirmation trials are complete: no verdict on the "
                                               "search's best until all are.")
     assert summary.failed == 0  # a handed-back attempt whose slot was retried is no failure
-    assert "0 failed" in confirm.report_markdown(parent)
+    assert "0 failed" in confirmation.report_markdown(parent)
     run_synthetic(study, {0: [0.6, 0.62], 4: [0.5, 0.52]})
-    summary = confirm.summarize(study)
+    summary = confirmation.summarize(study)
     assert summary.search_best_sentence() == "The search's single-seed best, #0, is also the best under fresh seeds."
     # a slot whose only attempt failed (NaN loss, say) counts as failed and settles
-    assert confirm.failed_slots([study.trials[handed_back.number]]) == 1
+    assert confirmation.failed_slots([study.trials[handed_back.number]]) == 1

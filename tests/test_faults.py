@@ -224,7 +224,7 @@ def test_bad_counts_are_usage_errors(tmp_path, script, args, problem):
 
 
 def test_a_changed_study_file_is_refused_naming_the_fields(tmp_path, tiny_model, tiny_data, env):
-    from service.study import recorded_budget
+    from service.study import study_budget
 
     study_file = write_study(tmp_path, "edited", tiny_model, tiny_data, n_trials=3, epochs=3)
     url = f"sqlite:///{tmp_path / 'edited.db'}"
@@ -252,7 +252,7 @@ def test_a_changed_study_file_is_refused_naming_the_fields(tmp_path, tiny_model,
     # raising the budget stays allowed and is recorded
     study_file.write_text(original.replace("n_trials = 3", "n_trials = 5"))
     study = open_study(load_spec(study_file), url, {})
-    assert recorded_budget(study.user_attrs) == 5
+    assert study_budget(study) == 5  # recorded on the study, not read from the file
 
 
 def test_spec_differences_cover_what_changes_results_only(tmp_path, tiny_model, tiny_data):

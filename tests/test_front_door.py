@@ -13,7 +13,7 @@ from service.ranking import leaderboard
 from service.study import open_study
 from studies import load_spec
 from test_search import write_study
-from worker import Worker
+from service.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ import storage as storage_lib
 from mtbert.config import TrainConfig
 from studies import grid_key, load_spec
 from service.study import open_study
-from worker import Worker
+from service.worker import Worker
 
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
 ROOT = Path(__file__).resolve().parents[1]

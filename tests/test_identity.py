@@ -25,7 +25,7 @@ from mtbert.train import train
 from service.study import open_study
 from studies import load_spec
 from test_search import load, start_worker, write_study
-from worker import Worker, WorkerInterrupted
+from service.worker import Worker, WorkerInterrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 

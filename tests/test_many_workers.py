@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 import storage as storage_lib
 from service.study import open_study, study_budget
 from studies import load_spec
-from worker import Worker
+from service.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 

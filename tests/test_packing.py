@@ -37,6 +37,19 @@ def test_default_workers_per_gpu(size, memory_gib, cores, expected):
     assert n * worker_bytes(size or MINILM) <= memory_gib * GIB or size is None  # never more than fits
 
 
+def test_worker_memory_counts_the_sentences_of_every_task(monkeypatch):
+    from mtbert import tasks
+
+    # SST one sentence, Quora and STS two each: five sentences through the encoder per batch row
+    assert launch.sentences_per_row() == 5
+    one_row = 34 * MINILM.hidden * MINILM.layers * 128  # activation bytes of one sentence, as worker_bytes counts
+    assert worker_bytes(MINILM, batch_size=1) == launch.CONTEXT_BYTES + 16 * MINILM.params + 2 * 5 * one_row
+    # a task table with one sentence task less: the estimate follows the table, no hard-coded count
+    monkeypatch.setattr(tasks, "TASK_TABLE", {k: v for k, v in tasks.TASK_TABLE.items() if v.pair})
+    assert launch.sentences_per_row() == 4
+    assert worker_bytes(MINILM, batch_size=1) == launch.CONTEXT_BYTES + 16 * MINILM.params + 2 * 4 * one_row
+
+
 def test_search_says_what_it_chose_and_the_flag_overrides(monkeypatch, tiny_model, caplog):
     monkeypatch.setattr(launch, "visible_gpus", lambda: 1)
     monkeypatch.setattr(launch, "gpu_memory_bytes", lambda: 80 * GIB)
@@ -65,7 +78,7 @@ def test_an_oom_mid_trial_fails_that_trial_with_its_reason_and_the_worker_goes_o
     from service.study import open_study
     from studies import load_spec
     from test_search import write_study
-    from worker import Worker
+    from service.worker import Worker
 
     real_step, real_train = mtbert.train.train_step, mtbert.train.train
     calls = []

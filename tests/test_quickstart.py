@@ -100,7 +100,7 @@ def test_the_reproduce_command_names_the_folder_a_trial_read_from_the_environmen
     from reports.study_report import best_section
     from service.study import open_study
     from test_search import write_study
-    from worker import Worker
+    from service.worker import Worker
 
     path = write_study(tmp_path, "envdata", tiny_model, tiny_data, n_trials=1, epochs=1, pruner='type = "none"')
     path.write_text("\n".join(line for line in path.read_text().splitlines() if not line.startswith("data_dir")))

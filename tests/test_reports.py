@@ -20,7 +20,7 @@ from studies import load_spec
 from test_search import write_study
 from tiny import write_data
 from service.study import open_study
-from worker import Worker
+from service.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, N_DEV = 3, 24

@@ -12,7 +12,7 @@ import storage as storage_lib
 from reports.results_page import FINDINGS, write_results_page
 from studies import grid_key, load_spec
 from service.study import open_study
-from worker import Worker
+from service.worker import Worker
 
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
 SCORE_ATTRS = ("sst_acc", "quora_acc", "sts_corr", "overall")

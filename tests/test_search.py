@@ -17,7 +17,7 @@ import storage as storage_lib
 from studies import load_spec
 from tiny import write_data
 from service.study import open_study, study_key
-from worker import Worker
+from service.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,7 +206,7 @@ def test_unreachable_storage_is_one_clear_error_without_the_password(tmp_path):
 
 def test_search_runs_a_study_and_never_shows_the_password(tmp_path, tiny_model, tiny_data, clean_pg_url, env):
     study_file = write_study(tmp_path, "demo", tiny_model, tiny_data, n_trials=2, epochs=1)
-    password = storage_lib._parse(clean_pg_url).password
+    password = storage_lib.urls.parse_url(clean_pg_url).password
     assert password
     env = {**env, "MTBERT_STORAGE": clean_pg_url}
     proc = subprocess.run([sys.executable, "search.py", "--study", str(study_file), "--workers", "2"], cwd=ROOT,

@@ -13,7 +13,7 @@ from service.study import open_study, trial_dir
 from studies import load_spec
 from test_identity import handed_back_after_one_epoch
 from test_search import write_study
-from worker import Worker
+from service.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -208,9 +208,9 @@ def test_tampered_user_attrs_change_nothing_a_confirmation_trains(tmp_path):
     for t in study.get_trials(states=(TrialState.WAITING,)):
         storage.set_trial_user_attr(t._trial_id, "seed", 999)
         storage.set_trial_user_attr(t._trial_id, "parent_trial", 1)
-    plan = confirm.Confirmation.of(study)
+    source = confirm.ConfirmationTrials.of(study)
     trial = study.ask()
-    values = plan.trial_values(trial, cspec)
+    values = source.values(trial, cspec)
     assert values["seed"] in study.user_attrs["confirm"]["seeds"] and values["seed"] != 999
     assert values["model"] == "m" and values["lr"] == trial.params["lr"] == 1e-3  # parent #0, the first slot
 
