@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
+from .losses import cosent_loss, mnr_loss, symmetric_kl, symmetric_kl_binary  # noqa: F401 (re-exported)
 from .tasks import TASK_TABLE, TASKS, Task
 
 DEFAULTS = TrainConfig()  # the report's methods: what callers that pass no config get
@@ -97,32 +98,6 @@ def task_plan(sizes: dict[str, int], batches_per_pass: dict[str, int], mode: str
 
 
 # ---------------------------------------------------------------- named losses
-
-
-def mnr_loss(u: torch.Tensor, v: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
-    """In-batch multiple-negatives ranking (Henderson et al. 2017; sentence-transformers' MNRL).
-
-    Row i of S = scale * cos(u_i, v_j) over every pair j of the batch; for each duplicate pair i the
-    loss is the cross-entropy of row i with target i (its own second sentence against every other
-    pair's), averaged over the duplicates. No duplicate in the batch: 0 (and a zero gradient).
-    """
-    u, v = F.normalize(u.float(), dim=-1), F.normalize(v.float(), dim=-1)
-    scores = scale * u @ v.T
-    rows = F.cross_entropy(scores, torch.arange(len(u), device=u.device), reduction="none")
-    duplicate = (labels > 0.5).float()
-    return (rows * duplicate).sum() / duplicate.sum().clamp(min=1.0)
-
-
-def cosent_loss(scores: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
-    """CoSENT (Su 2022): log(1 + sum over pairs (i, j) with y_i > y_j of exp(scale * (s_j - s_i))).
-
-    A ranking loss: only the order of the scores within the batch matters. 0 when no pair is ordered.
-    """
-    s = scores.float()
-    diff = scale * (s.unsqueeze(0) - s.unsqueeze(1))  # [i, j] = scale * (s_j - s_i)
-    ordered = labels.unsqueeze(1) > labels.unsqueeze(0)  # [i, j]: y_i > y_j
-    terms = diff.masked_fill(~ordered, float("-inf")).reshape(-1)
-    return torch.logsumexp(torch.cat([terms.new_zeros(1), terms]), dim=0)
 
 
 def task_loss(task: Task, cfg: TrainConfig):
@@ -244,20 +219,6 @@ def cosine_factor(step: int, warmup: int, total: int) -> float:
 
 
 # ---------------------------------------------------------------- SMART
-
-
-def symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """KL(p_b || p_a) + KL(p_a || p_b) of softmax(logits), batch mean; each KL's target side detached
-    (mt-dnn's SymKlCriterion), so the gradient reaches both `a` and `b` through their log-probabilities."""
-    la, lb = F.log_softmax(a.float(), dim=-1), F.log_softmax(b.float(), dim=-1)
-    return (F.kl_div(la, lb.detach(), log_target=True, reduction="batchmean")
-            + F.kl_div(lb, la.detach(), log_target=True, reduction="batchmean"))
-
-
-def symmetric_kl_binary(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """symmetric_kl of Bernoulli distributions given by logits (N,)."""
-    zeros = torch.zeros_like(a.float())
-    return symmetric_kl(torch.stack([zeros, a.float()], -1), torch.stack([zeros, b.float()], -1))
 
 
 class EmbeddingNoise:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .losses import cosent_loss, mnr_loss, symmetric_kl, symmetric_kl_binary
+
 
 def _sst_outputs(model, vecs):
     return model.sentiment_logits(vecs[0])
@@ -78,15 +80,11 @@ def _plain(loss: Callable[[Any, Any], Any]) -> TaskLoss:
 
 
 def _bce_mnr(out, y, vecs, cfg):
-    from .methods import mnr_loss
-
     # ranking term on the pooled sentence vectors u, v (before dropout): duplicates' u_i against every v_j
     return _bce(out, y) + mnr_loss(vecs[0], vecs[1], y, cfg.mnr_scale)
 
 
 def _sts_cosent(out, y, vecs, cfg):
-    from .methods import cosent_loss
-
     return cosent_loss(out.float() / 5.0, y, cfg.cosent_scale)  # score / 5: cosine units, where lambda = 20 is Su's
 
 
@@ -95,14 +93,10 @@ def _sts_mse_cosent(out, y, vecs, cfg):
 
 
 def _categorical_divergence(a, b):
-    from .methods import symmetric_kl
-
     return symmetric_kl(a, b)
 
 
 def _bernoulli_divergence(a, b):
-    from .methods import symmetric_kl_binary
-
     return symmetric_kl_binary(a, b)
 
 
