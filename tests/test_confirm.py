@@ -386,6 +386,7 @@ def tiny_config(model: Path, data: Path, epochs: int) -> dict:
                                  eval_batch_size=64).to_dict()
 
 
+@pytest.mark.slow
 def test_two_workers_run_the_confirmation_exactly_unpruned_with_the_parents_configs(tmp_path, tiny_model, tiny_data,
                                                                                      storage_url, env):  # noqa: F811
     # an aggressive pruner on the search: applied to the confirmation, it would stop the hopeless
@@ -445,6 +446,7 @@ def test_two_workers_run_the_confirmation_exactly_unpruned_with_the_parents_conf
     assert json.loads((out / "checkpoint" / "config.json").read_text())["seed"] == chosen.user_attrs["seed"]
 
 
+@pytest.mark.slow
 def test_a_killed_confirmation_worker_s_trial_is_retried_and_resumes(tmp_path, tiny_model, env):  # noqa: F811
     data = write_data(tmp_path / "data", n_train=1200, n_dev=24, malformed=False)  # ~1 s epochs
     url = f"sqlite:///{tmp_path / 'study.db'}"
@@ -496,6 +498,7 @@ def test_confirmation_cli_errors_are_one_line(tmp_path):
         assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_search_py_confirm_runs_the_search_then_its_confirmation_once(tmp_path, tiny_model, tiny_data,
                                                                       env):  # noqa: F811
     path = write_study(tmp_path, "e2e", tiny_model, tiny_data, n_trials=2, epochs=1, pruner='type = "none"')

@@ -15,6 +15,8 @@ from optuna.trial import TrialState
 
 from test_reports import EPOCHS, build_recorded_study, load
 
+pytestmark = pytest.mark.slow  # real processes: see docs/testing.md
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 WAIT = 90  # seconds: the first page load compiles the dashboard's JS bundle on a busy CPU

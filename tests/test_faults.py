@@ -173,6 +173,7 @@ def test_status_and_report_before_any_score(tmp_path, tiny_model, tiny_data):
         assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_search_stopped_in_the_first_epoch_by_two_sigterms(tmp_path, tiny_model, env):
     """Ctrl-C/SIGTERM before any score, and a second SIGTERM 0.5 s later while the workers are stopping:
     no traceback, the summary is printed, the running trial is handed back for retry."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import optuna
+import pytest
 import torch
 
 from service.study import open_study
@@ -34,6 +35,7 @@ def test_a_study_with_the_default_step_takes_a_worker_started_with_step_static(t
     assert trial.user_attrs["config"]["step"] == "static" and trial.user_attrs["step"] == "static"
 
 
+@pytest.mark.slow
 def test_workers_get_the_step_and_gpu_workers_a_share_of_the_cores(tmp_path, monkeypatch):
     from service import launch
 

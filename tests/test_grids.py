@@ -110,6 +110,7 @@ def assert_grid_ran_once(study: optuna.Study, name: str, epochs: int = 1) -> Non
             k: getattr(want, k) for k in (*EXTENSIONS, "lr", "hidden_dropout_prob", "batch_size")}
 
 
+@pytest.mark.slow
 def test_ablation_with_three_worker_processes_runs_each_configuration_once(tmp_path, tiny_model, tiny_data, env):
     url = f"sqlite:///{tmp_path / 'grid.db'}"
     cmd = [sys.executable, str(ROOT / "worker.py"), "--study", "ablation", "--model", str(tiny_model),

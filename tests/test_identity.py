@@ -198,6 +198,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_checkpoint_write_keeps_the_epoch_and_no_temp_file(tmp_path, tiny_model, tiny_data, env):
     study_file = write_study(tmp_path, "sig", tiny_model, tiny_data, n_trials=1, epochs=3, pruner='type = "none"')
     url = f"sqlite:///{tmp_path / 'study.db'}"
@@ -228,6 +229,7 @@ def test_sigterm_during_a_checkpoint_write_keeps_the_epoch_and_no_temp_file(tmp_
 # ------------------------------------------------------------------ the search: identity on disk
 
 
+@pytest.mark.slow
 def test_workers_opening_a_new_study_at_once_agree_on_its_uuid(tmp_path, tiny_model, tiny_data, storage_url):
     study_file = write_study(tmp_path, "race", tiny_model, tiny_data)
     code = ("import sys; from studies import load_spec; from service.study import open_study, study_uuid; "

@@ -244,6 +244,7 @@ def test_nan_loss_stops_with_the_step(tiny_model, tiny_data):
         train(cfg, prepared, progress=False)
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_clis(tiny_model, tiny_data, tmp_path):
     env = {**os.environ, "MTBERT_DATA_DIR": str(tiny_data)}
     out = tmp_path / "run"
@@ -276,6 +277,7 @@ def test_train_and_evaluate_clis(tiny_model, tiny_data, tmp_path):
     assert "--hidden-dropout-prob" in proc.stdout and "--no-multitask" in proc.stdout
 
 
+@pytest.mark.slow
 def test_real_default_model_on_the_shared_data(real_data_dir):
     cfg = TrainConfig(data_dir=str(real_data_dir), max_examples=24, epochs=1, batch_size=8, device="cpu")
     results = train(cfg, progress=False)

@@ -26,6 +26,8 @@ import storage as storage_lib
 from test_search import load, write_study
 from tiny import write_data
 
+pytestmark = pytest.mark.slow  # real processes: see docs/testing.md
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "storage" / "postgres.sh"
 

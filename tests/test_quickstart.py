@@ -66,6 +66,7 @@ def test_the_quickstart_study_names_the_sample_relative_to_the_repository(tmp_pa
     assert resolve_data_dir(None) == Path("data")
 
 
+@pytest.mark.slow
 def test_a_fresh_clone_runs_the_quick_start_on_the_shipped_sample(tmp_path):
     """README's quick start, on a clone in an empty folder (no ../shared beside it), installing nothing."""
     if shutil.which("git") is None or not (ROOT / ".git").exists():

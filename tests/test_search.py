@@ -86,6 +86,7 @@ def assert_budget_met_exactly(study: optuna.Study, budget: int, epochs: int) -> 
         assert steps == list(range(1, expected + 1)), (t.number, steps)
 
 
+@pytest.mark.slow
 def test_three_workers_meet_the_budget_exactly(tmp_path, tiny_model, tiny_data, storage_url, env):
     study_file = write_study(tmp_path, "par", tiny_model, tiny_data, n_trials=7, epochs=3)
     procs = [start_worker(study_file, storage_url, env) for _ in range(3)]
@@ -104,6 +105,7 @@ def test_three_workers_meet_the_budget_exactly(tmp_path, tiny_model, tiny_data, 
     assert kept == [Path(best.user_attrs["checkpoint"]).name]
 
 
+@pytest.mark.slow
 def test_a_killed_worker_s_trial_is_retried_and_resumes_from_its_checkpoint(tmp_path, tiny_model, env):
     data = write_data(tmp_path / "data", n_train=1200, n_dev=24, malformed=False)  # ~1 s epochs
     study_file = write_study(tmp_path, "kill", tiny_model, data, n_trials=2, epochs=5, pruner='type = "none"')
@@ -204,6 +206,7 @@ def test_unreachable_storage_is_one_clear_error_without_the_password(tmp_path):
         assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_search_runs_a_study_and_never_shows_the_password(tmp_path, tiny_model, tiny_data, clean_pg_url, env):
     study_file = write_study(tmp_path, "demo", tiny_model, tiny_data, n_trials=2, epochs=1)
     password = storage_lib.urls.parse_url(clean_pg_url).password

@@ -36,6 +36,7 @@ def search(study_file: Path, url: str, env: dict, *extra: str, timeout: int = 60
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_search_prints_one_line_per_event_then_a_rerun_says_the_budget_is_met(tmp_path, tiny_model, tiny_data, env):
     # as in test_search's pruning test: two good trials, then one with a 100x lower lr that the median pruner stops
     study_file = write_study(tmp_path, "events", tiny_model, tiny_data, n_trials=3, epochs=3,
@@ -66,6 +67,7 @@ def test_search_prints_one_line_per_event_then_a_rerun_says_the_budget_is_met(tm
     assert "worker 0 on" not in again.stderr  # no worker was started
 
 
+@pytest.mark.slow
 def test_search_exits_nonzero_and_prints_the_worker_s_error_when_its_workers_fail(tmp_path, tiny_model, env):
     data = write_data(tmp_path / "broken-data")
     (data / "ids-sst-train.csv").write_text("no\tcolumns\there\n")  # there (search.py checks that), unreadable

@@ -126,6 +126,7 @@ def _stop(proc) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_the_dashboard_refuses_every_change_over_http_unless_writable(tmp_path, tiny_model, tiny_data):
     import optuna
 
@@ -274,6 +275,7 @@ def _wait_for_running_trial(url: str, name: str, proc, timeout: float = 240.0):
     pytest.fail("no trial finished an epoch in time")
 
 
+@pytest.mark.slow
 def test_a_study_renamed_under_a_running_worker_is_one_line_and_its_trial_can_be_failed_as_stale(
         tmp_path, tiny_model, tiny_data, monkeypatch):
     import subprocess
@@ -332,6 +334,7 @@ def test_a_study_renamed_under_a_running_worker_is_one_line_and_its_trial_can_be
     assert renamed.trials[0].state == TrialState.FAIL
 
 
+@pytest.mark.slow
 def test_a_sqlite_file_deleted_mid_run_is_an_error_not_a_leaderboard(tmp_path, tiny_model, tiny_data):
     import subprocess
     import sys

@@ -30,6 +30,8 @@ from service import slurm as launcher
 from test_search import assert_budget_met_exactly, load, write_study
 from tiny import write_data
 
+pytestmark = pytest.mark.slow  # real processes: see docs/testing.md
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "cluster" / "slurm" / "worker.sbatch"
 
