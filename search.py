@@ -145,6 +145,8 @@ def run_workers(study_arg: str, study: optuna.Study, spec: StudySpec, url: str,
     """
     signal.signal(signal.SIGINT, _interrupt)  # a confirmation after a search starts with fresh handlers
     signal.signal(signal.SIGTERM, _interrupt)
+    if problem := spec.pruning_problem():  # a run's settings, not an error: the study runs as written
+        logger.warning("%s: %s", spec.path, problem)
     if args.launcher == "slurm":
         status = run_array(study_arg, study, spec, url, args)
         return status, status == 130

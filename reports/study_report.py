@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 import storage as storage_lib
 from mtbert.tasks import SCORE_NAMES
 from reports.confirmation import report_markdown as confirmation_section
+from reports.costs import epochs_section, time_section
 from service.progress import planned_epochs
 from service.study import recorded_spec, study_budget, study_option, trial_config
 from service.ranking import best_trial, leaderboard, tally_text
@@ -53,6 +54,8 @@ def write_report(study: optuna.Study, spec: StudySpec, out_dir: Path, storage_ur
         best_section(recorded_spec(study, spec), best),
         confirmation_section(study),
         pruning_section(spec, trials),
+        epochs_section(spec, trials),
+        time_section(trials),
         top_trials_section(study, spec),
         plots_section(study, trials, spec, out_dir),
     ]

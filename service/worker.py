@@ -166,6 +166,8 @@ class TrialTrainer:
         optuna_compat.set_trial_system_attr(self.study, trial, "identity", trial_identity(cfg))  # by content
         trial.set_user_attr("data_dir", os.path.abspath(resolve_data_dir(cfg.data_dir)))  # what the report reruns on
         epoch_seconds: list[float] = []
+        # where the epoch's time went (reports.costs): its dev evaluation, and the checkpoint write after it
+        timings: dict[str, list[float]] = {"eval_seconds": [], "checkpoint_seconds": []}
         per_epoch: list[dict[str, Any]] = []  # user attr `history`: the dashboard note's rows
         self.dev_predictions = None
 
@@ -178,6 +180,8 @@ class TrialTrainer:
                 trial.set_user_attr("resumed_from_epoch", result.epoch)
             else:
                 epoch_seconds.append(round(result.seconds, 2))
+                for key, values in timings.items():
+                    values.append(round(getattr(result, key), 2))
             self.dev_predictions = result.predictions  # what the artifacts show: the last epoch's
             scores = {k: result.metrics[k] for k in SCORES}
             for key, score in scores.items():
@@ -186,6 +190,8 @@ class TrialTrainer:
             if result.peak_memory_bytes is not None:  # CUDA: peak memory of this trial so far
                 trial.set_user_attr("peak_memory_bytes", result.peak_memory_bytes)
             trial.set_user_attr("epoch_seconds", epoch_seconds)
+            for key, values in timings.items():
+                trial.set_user_attr(key, values)
             if not result.resumed and result.step_kind:  # which training step made this score (mtbert.static_step)
                 trial.set_user_attr("step", result.step_kind)
             if result.amp:  # and in which precision ("auto" resolves per machine: bf16 or off)
@@ -207,6 +213,8 @@ class TrialTrainer:
             logger.warning("trial %d: %s; training it from scratch", trial.number, exc)
             trial.set_user_attr("restarted_from_scratch", str(exc)[:2000])
             epoch_seconds.clear()
+            for values in timings.values():
+                values.clear()
             per_epoch.clear()
             results = train(cfg, self.prepared, resume=False, **kwargs)
         return results[-1].metrics[self.spec.metric]

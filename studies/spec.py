@@ -231,6 +231,32 @@ class StudySpec:
             kwargs.setdefault("max_resource", self.epochs)
         return PRUNERS[self.pruner["type"]](**kwargs)
 
+    def pruning_problem(self) -> str | None:
+        """Why Hyperband's brackets do not fit `epochs`, or None. Each bracket b judges a trial at epochs
+        min_resource * reduction_factor**(b + k) below `epochs`; Hyperband's point is that its last bracket
+        judges no trial before the end (it keeps the late bloomers). When `epochs` is not min_resource times a
+        power of reduction_factor, every bracket judges at a rung just before the end (10 epochs, 1, 3: epoch 9),
+        where a prune saves little and throws away a nearly trained trial: only complete trials can be best."""
+        if self.pruner.get("type") != "hyperband":
+            return None
+        low, eta = self.pruner.get("min_resource", 1), self.pruner.get("reduction_factor", 3)
+        high = self.pruner.get("max_resource", self.epochs)
+        if "auto" in (low, high) or not all(isinstance(v, int) for v in (low, high, eta)) or low > high:
+            return None
+        brackets = int(math.floor(math.log(high / low, eta) + 1e-9)) + 1
+        rungs = [sorted({low * eta ** (b + k) for k in range(64) if low * eta ** (b + k) < self.epochs})
+                 for b in range(brackets)]
+        if not all(rungs):
+            return None  # a bracket trains to the end unjudged
+        every = sorted(set().union(*rungs))
+        below = max(low * eta ** k for k in range(64) if low * eta ** k <= self.epochs)
+        fits = f"{below}" + (f" or {below * eta}" if below < self.epochs else "")
+        return (f"epochs = {self.epochs} does not fit Hyperband (min_resource {low}, reduction_factor {eta}): "
+                f"it judges trials at epochs {', '.join(map(str, every))}, every bracket at epoch {every[-1]} of "
+                f"{self.epochs}, so no trial trains to the end unjudged and a trial stopped at epoch {every[-1]} "
+                f"saves {self.epochs - every[-1]} epoch(s) but cannot be the best (only complete trials are); "
+                f"epochs = {fits} (min_resource x reduction_factor^k) gives a bracket that is never pruned")
+
     def suggest(self, trial: optuna.trial.BaseTrial) -> dict[str, Any]:
         """TrainConfig overrides for this trial: the fixed [train] values plus the sampled ones, presets expanded."""
         values = dict(self.train)

@@ -113,7 +113,8 @@ def test_shipped_studies_load_and_build() -> None:
 def test_lr_dropout_is_the_documented_example() -> None:
     spec = load_spec("lr_dropout")
     assert (spec.direction, spec.metric, spec.n_trials, spec.keep_best) == ("maximize", "overall", 40, 1)
-    assert spec.train == {"epochs": 10} and spec.epochs == 10
+    assert spec.train == {"epochs": 9} and spec.epochs == 9  # 9 = 3^2: Hyperband's last bracket runs to the end
+    assert spec.pruning_problem() is None
     assert spec.space["lr"] == ParamSpec("lr", "float", 1e-5, 1e-4, log=True)
     assert spec.space["batch_size"] == ParamSpec("batch_size", "int", 8, 40, step=8)
     assert spec.space["hidden_dropout_prob"] == ParamSpec("hidden_dropout_prob", "float", 0.2, 0.5)
@@ -295,6 +296,21 @@ def test_sampler_seed_override_is_passed_through(tmp_path: Path) -> None:
     assert first(None) == first(1)
     assert first(7) == first(7) != first(1)
     assert spec.sampler["seed"] == 1  # make_sampler did not modify the spec
+
+
+def test_hyperband_epochs_that_judge_every_bracket_just_before_the_end_are_named(tmp_path: Path) -> None:
+    # the real-shape lr_dropout run (10 epochs, min 1, factor 3): every bracket judged at epoch 9 of 10, and
+    # 5 trials were pruned there after 9 epochs (docs/cpu/lr_dropout-real-shape.md)
+    ten = load(tmp_path, {**BASE, "train": {"epochs": 10}, "pruner": {"type": "hyperband", "reduction_factor": 3}})
+    problem = ten.pruning_problem()
+    assert problem is not None and "judges trials at epochs 1, 3, 9, every bracket at epoch 9 of 10" in problem
+    assert "epochs = 9 or 27" in problem
+    assert ten.with_overrides(epochs=9)[0].pruning_problem() is None
+    assert load(tmp_path, {**BASE, "train": {"epochs": 4}, "pruner": {"type": "hyperband", "reduction_factor": 2}}
+                ).pruning_problem() is None  # 4 = 2^2
+    assert load(tmp_path, {**BASE, "train": {"epochs": 10}, "pruner": {"type": "median"}}).pruning_problem() is None
+    for name in list_studies():  # every shipped study fits its pruner
+        assert load_spec(name).pruning_problem() is None, name
 
 
 def test_pruner_kinds_and_resource_defaults(tmp_path: Path) -> None:
