@@ -81,8 +81,8 @@ def time_section(trials: list[FrozenTrial]) -> str:
 
     rows = [row("epochs", epochs, "training steps and dev evaluation (`epoch_seconds`)")]
     if evals:
-        rows += [row("  of which training", epochs - evals, "optimizer steps"),
-                 row("  of which evaluation", evals, "dev scoring after each epoch (`eval_seconds`)")]
+        rows += [row("of which training", epochs - evals, "optimizer steps"),
+                 row("of which evaluation", evals, "dev scoring after each epoch (`eval_seconds`)")]
     if saves:
         rows.append(row("checkpoints", saves, "writing each epoch's checkpoint (`checkpoint_seconds`)"))
     rows.append(row("trial overhead", rest, "start (config, model reuse or load, resume), storage writes"

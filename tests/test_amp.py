@@ -64,6 +64,7 @@ def test_amp_options_and_the_old_booleans():
     assert "20x" not in config.TrainConfig.__dataclass_fields__["amp"].metadata["help"]
 
 
+@pytest.mark.slow  # a subprocess (search.py, mtbert.train) or real training: ~8-25 s
 def test_auto_trains_and_evaluates_in_bf16_on_a_native_bf16_cpu(tiny_model: Path, tiny_data: Path, monkeypatch,
                                                                  caplog):
     """The encoder runs under CPU bf16 autocast in training and evaluation; weights and AdamW state stay fp32."""

@@ -480,6 +480,7 @@ def test_a_killed_confirmation_worker_s_trial_is_retried_and_resumes(tmp_path, t
     assert sorted(t.user_attrs["seed"] for t in complete) == [1, 2]  # each slot once: the budget is exact
 
 
+@pytest.mark.slow  # a subprocess (search.py, mtbert.train) or real training: ~8-25 s
 def test_confirmation_cli_errors_are_one_line(tmp_path):
     path = study_file(tmp_path)
     env_ = {**os.environ, "MTBERT_STORAGE": f"sqlite:///{tmp_path / 'none.db'}"}

@@ -310,6 +310,7 @@ def test_an_unreadable_data_file_is_one_clear_error(tmp_path):
         read_task(data / "ids-sst-train.csv", "sst")
 
 
+@pytest.mark.slow  # a subprocess (search.py, mtbert.train) or real training: ~8-25 s
 def test_a_cuda_device_without_cuda_is_refused_before_any_trial(tmp_path, tiny_model, tiny_data, env):
     import torch
 

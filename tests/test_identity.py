@@ -58,6 +58,7 @@ def tmp_files(folder: Path) -> list[Path]:
 # ------------------------------------------------------------------ mtbert: resume verification
 
 
+@pytest.mark.slow  # a subprocess (search.py, mtbert.train) or real training: ~8-25 s
 def test_train_cli_refuses_another_runs_checkpoint_in_one_line(tiny_model, tiny_data, tmp_path):
     """The reported bug: another run's folder returned the old metrics with train_seconds 0."""
     out = tmp_path / "runs" / "x"
@@ -104,6 +105,7 @@ def test_resume_compares_the_settings_that_decide_the_result(tiny_model, tiny_da
         train(cfg.replace(data_dir=str(moved)), out_dir=out, progress=False, run_id="study-a/trial-0")
 
 
+@pytest.mark.slow  # a subprocess (search.py, mtbert.train) or real training: ~8-25 s
 def test_a_damaged_checkpoint_is_one_clear_error(tiny_model, tiny_data, tmp_path):
     cfg = tiny_cfg(tiny_model, tiny_data, epochs=1)
     out = tmp_path / "run"
@@ -254,6 +256,7 @@ def test_an_edited_study_uuid_is_refused_in_one_line(tmp_path, tiny_model, tiny_
         assert "user attribute study_uuid is '../../home', not a UUID" in proc.stderr
 
 
+@pytest.mark.slow  # a subprocess (search.py, mtbert.train) or real training: ~8-25 s
 def test_the_same_study_in_another_storage_trains_from_scratch_and_deletes_nothing_of_the_first(
         tmp_path, tiny_model, tiny_data, env, monkeypatch):
     """The issue's scenario: study A completes; the same study file in storage B (keep_best = 0)."""

@@ -110,6 +110,7 @@ def test_a_budget_edited_mid_run_is_one_budget_for_every_worker(tmp_path, tiny_m
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+@pytest.mark.slow  # a subprocess (search.py, mtbert.train) or real training: ~8-25 s
 def test_a_beating_trial_of_a_skewed_clock_is_never_stale_on_sqlite(tmp_path, monkeypatch):
     """SQLite: a worker whose clock is 10 min slow writes heartbeats that look 10 min old to everyone else's
     clock (and a judge 10 min fast sees everyone's that way). While they keep changing the trial is alive;

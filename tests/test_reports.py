@@ -74,6 +74,18 @@ def note_of(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
 # ------------------------------------------------------------ what the worker records
 
 
+def test_every_trial_records_where_each_epochs_time_went(recorded):
+    # reports.costs splits a study's time into training, dev evaluation and checkpoint writes from these
+    study = load(recorded["url"], recorded["name"])
+    for t in study.trials:
+        seconds, evals, saves = (t.user_attrs[k] for k in ("epoch_seconds", "eval_seconds", "checkpoint_seconds"))
+        assert len(seconds) == len(evals) == len(saves) == len(t.intermediate_values) > 0
+        assert all(0 < e < s for e, s in zip(evals, seconds)) and all(c > 0 for c in saves)
+    text = cli(recorded, "--report", "--out", str(recorded["artifacts"].parent / "costs")).stdout
+    report = (recorded["artifacts"].parent / "costs" / "report.md").read_text()
+    assert "## Epochs by rung" in report and "| of which evaluation |" in report and "| checkpoints |" in report, text
+
+
 def test_every_finished_trial_has_a_note_and_artifacts(recorded):
     study = load(recorded["url"], recorded["name"])
     states = [t.state for t in study.trials]
@@ -298,6 +310,7 @@ def test_report_skips_importances_with_a_reason_when_there_are_too_few_trials(tm
 # ------------------------------------------------------------ --export-best
 
 
+@pytest.mark.slow  # a subprocess (search.py, mtbert.train) or real training: ~8-25 s
 def test_export_best_copies_the_checkpoint_and_writes_cs224n_predictions(recorded, tmp_path):
     from mtbert.checkpoint import load_model
 
@@ -322,6 +335,7 @@ def test_export_best_copies_the_checkpoint_and_writes_cs224n_predictions(recorde
         assert re.fullmatch(r"\w+ , [\d.]+ ", lines[1]), lines[1]
 
 
+@pytest.mark.slow  # a subprocess (search.py, mtbert.train) or real training: ~8-25 s
 def test_export_best_fails_clearly_without_a_complete_trial_or_its_checkpoint(tmp_path):
     none = synthetic_study(tmp_path / "none", [made_trial(TrialState.PRUNED, None, 1)])
     proc = cli(none, "--export-best", str(tmp_path / "out"))

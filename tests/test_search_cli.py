@@ -111,6 +111,7 @@ def edge_study(folder: Path) -> tuple[Path, str]:
     return study_file, url
 
 
+@pytest.mark.slow  # a subprocess (search.py, mtbert.train) or real training: ~8-25 s
 def test_export_best_refuses_a_folder_of_the_repository_that_git_does_not_ignore(tmp_path, env):
     study_file, url = edge_study(tmp_path)
     target = f"best-{time.time_ns()}"  # README's old example was `best/`: 286 MB in the repository root
