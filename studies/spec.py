@@ -243,14 +243,12 @@ class StudySpec:
         high = self.pruner.get("max_resource", self.epochs)
         if "auto" in (low, high) or not all(isinstance(v, int) for v in (low, high, eta)) or low > high:
             return None
-        brackets = int(math.floor(math.log(high / low, eta) + 1e-9)) + 1
-        rungs = [sorted({low * eta ** (b + k) for k in range(64) if low * eta ** (b + k) < self.epochs})
-                 for b in range(brackets)]
-        if not all(rungs):
-            return None  # a bracket trains to the end unjudged
-        every = sorted(set().union(*rungs))
-        below = max(low * eta ** k for k in range(64) if low * eta ** k <= self.epochs)
-        fits = f"{below}" + (f" or {below * eta}" if below < self.epochs else "")
+        brackets = int(math.floor(math.log(high / low, eta) + 1e-9)) + 1  # Optuna's count (_hyperband.py)
+        if low * eta ** (brackets - 1) >= self.epochs:
+            return None  # the last bracket's first rung is at or past the end: it trains to the end unjudged
+        every = [low * eta ** k for k in range(self.epochs) if low * eta ** k < self.epochs]  # rungs below the end
+        below = low * eta ** len(every)  # the first power past the last rung; a fitting epochs is it or the rung
+        fits = f"{every[-1]} or {below}" if below != self.epochs else f"{below}"
         return (f"epochs = {self.epochs} does not fit Hyperband (min_resource {low}, reduction_factor {eta}): "
                 f"it judges trials at epochs {', '.join(map(str, every))}, every bracket at epoch {every[-1]} of "
                 f"{self.epochs}, so no trial trains to the end unjudged and a trial stopped at epoch {every[-1]} "
