@@ -37,20 +37,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import SPEED_FIELDS, fields_with_role
+
 CHECKPOINT = "checkpoint.pt"
 RUN_FILE = "run.json"
 IDENTITY_VERSION = 1
 
-# TrainConfig fields that change how fast a run goes (or how it is logged), not what it computes:
-# they may differ between a run and its resume (e.g. a retry on another node or another GPU). Every
-# other field decides the result and must match; a new TrainConfig field counts as deciding unless
-# it is listed here. `device` and `amp` change floating-point rounding (bf16 autocast on CUDA and on
-# CPUs with native bf16: mtbert.config.resolve_amp), not the model, data, objective or schedule;
-# `compile`, `packing` and `step` (eager, static shapes, CUDA graphs) compute the same functions
-# another way; `eval_batch_size` and `log_every` are batching of evaluation and logging.
-# `model` is compared by its resolved name (the "default" sentinel by what it resolves to), and
-# `data_dir` by the content of its train and dev files (same data at another path still matches).
-SPEED_FIELDS = frozenset({"device", "amp", "compile", "packing", "eval_batch_size", "log_every", "step"})
+# What a resume compares: every TrainConfig field but the speed settings (mtbert.config.ROLES: they may differ
+# between a run and its resume, e.g. a retry on another node or GPU); `model` by its resolved name (the
+# "default" sentinel by what it resolves to) and `data_dir` by the content of its train and dev files (same
+# data at another path still matches). A new field decides the result unless its declared role says otherwise.
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +85,8 @@ def run_settings(cfg) -> dict[str, Any]:
     from .config import resolve_data_dir, resolve_model_name
     from .tasks import data_fingerprint
 
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in SPEED_FIELDS and k not in ("model", "data_dir")}
+    compared_by_content = fields_with_role("encoder", "data")
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in SPEED_FIELDS | compared_by_content}
     settings["model"] = resolve_model_name(cfg.model)
     settings["data"] = data_fingerprint(resolve_data_dir(cfg.data_dir))
     return settings

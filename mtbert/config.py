@@ -19,17 +19,54 @@ LOSS_WEIGHTINGS = ("sum", "fixed", "uncertainty")
 STEPS = ("auto", "eager", "static", "graphs")  # mtbert.static_step.resolve_step
 POOLINGS = ("mean", "cls")
 AMPS = ("auto", "bf16", "off")  # resolve_amp
-# the fields whose values are names: their command-line flags accept only these (a usage error otherwise)
-CHOICES = {"amp": AMPS, "pooling": POOLINGS, "schedule": SCHEDULES, "step": STEPS, "task_sampling": TASK_SAMPLINGS,
-           "loss_weighting": LOSS_WEIGHTINGS, "quora_encoding": ENCODINGS, "sts_encoding": ENCODINGS}
+# Every TrainConfig field declares its role once, on the field (metadata "role"); the lists other modules use
+# are derived from it (SPEED_FIELDS, RUNTIME_FIELDS, STATIC_FIELDS below). A new field must pick one:
+ROLES: dict[str, str] = {
+    "encoder": "what is fine-tuned (`model`): compared by the resolved encoder (its name on resume, its content "
+               "between the workers of a study), never by the text of the setting",
+    "data": "where the data lives (`data_dir`): compared by the content of its train and dev files, so nodes may "
+            "mount it at different paths",
+    "result": "decides what a run computes (model, objective, data order, schedule): must match between a run and "
+              "its resume and between the workers of one study",
+    "method": "a result setting that is one of the multitask methods beyond the report (docs/methods.md): the "
+              "static step does not implement it, so away from its default the eager step runs",
+    "speed": "how fast a run goes or how it is logged, not what it computes (device and amp change floating-point "
+             "rounding only; compile, packing and step compute the same functions another way; eval_batch_size "
+             "and log_every batch evaluation and logging): may differ between a run and its resume (a retry on "
+             "another node or GPU) and between the workers of one study",
+}
 
 
 def _names(values: Iterable[str]) -> str:
     return ", ".join(repr(v) for v in values)
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _opt(role: str, default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    assert role in ROLES, role
+    metadata: dict[str, Any] = {"help": help, "role": role}
+    if choices is not None:  # a field whose values are names: validate() and its command-line flag accept only these
+        metadata["choices"] = choices
+    return field(default=default, metadata=metadata)
+
+
+def _encoder(default: Any, help: str, **kw: Any) -> Any:
+    return _opt("encoder", default, help, **kw)
+
+
+def _data(default: Any, help: str, **kw: Any) -> Any:
+    return _opt("data", default, help, **kw)
+
+
+def _result(default: Any, help: str, **kw: Any) -> Any:
+    return _opt("result", default, help, **kw)
+
+
+def _method(default: Any, help: str, **kw: Any) -> Any:
+    return _opt("method", default, help, **kw)
+
+
+def _speed(default: Any, help: str, **kw: Any) -> Any:
+    return _opt("speed", default, help, **kw)
 
 
 @dataclass
@@ -37,69 +74,74 @@ class TrainConfig:
     """Everything that decides what a training run computes (and a few knobs for how fast)."""
 
     # what to train on
-    model: str = _opt(DEFAULT_MODEL, "HF model id or local folder (default: the packaged all-MiniLM-L6-v2, "
-                                     "or $MTBERT_DEFAULT_MODEL)")
-    data_dir: str | None = _opt(None, "folder of the CS224N-format files (default: $MTBERT_DATA_DIR, else ./data)")
-    max_examples: int = _opt(0, "deterministic cap of examples per task on every split (0 = all)")
-    max_length: int = _opt(128, "tokens per sentence after truncation")
+    model: str = _encoder(DEFAULT_MODEL, "HF model id or local folder (default: the packaged all-MiniLM-L6-v2, "
+                                         "or $MTBERT_DEFAULT_MODEL)")
+    data_dir: str | None = _data(None, "folder of the CS224N-format files (default: $MTBERT_DATA_DIR, else ./data)")
+    max_examples: int = _result(0, "deterministic cap of examples per task on every split (0 = all)")
+    max_length: int = _result(128, "tokens per sentence after truncation")
 
     # model switches (the source report's extensions)
-    pooling: str = _opt("mean", "sentence vector: 'mean' of the tokens or the 'cls' token")
-    stack: bool = _opt(True, "Linear-LayerNorm-Dropout x2 stacks in the heads")
-    relu: bool = _opt(True, "ReLU after each hidden layer of the pair heads")
-    cosine: bool = _opt(True, "add cos(u, v) to the paraphrase logit and 5*cos to the similarity score")
-    multitask: bool = _opt(True, "sum the three losses each step (off: the tasks one after another)")
-    hidden_dropout_prob: float = _opt(0.3, "dropout of the sentence vectors and inside the heads")
+    pooling: str = _result("mean", "sentence vector: 'mean' of the tokens or the 'cls' token", choices=POOLINGS)
+    stack: bool = _result(True, "Linear-LayerNorm-Dropout x2 stacks in the heads")
+    relu: bool = _result(True, "ReLU after each hidden layer of the pair heads")
+    cosine: bool = _result(True, "add cos(u, v) to the paraphrase logit and 5*cos to the similarity score")
+    multitask: bool = _result(True, "sum the three losses each step (off: the tasks one after another)")
+    hidden_dropout_prob: float = _result(0.3, "dropout of the sentence vectors and inside the heads")
 
     # multitask methods beyond the report (docs/methods.md); each default is the report's
-    quora_encoding: str = _opt("bi", "Quora pair encoding: 'bi' (two sentence vectors), 'cross' ([CLS] s1 [SEP] s2 "
-                                     "through the encoder, head on the joint vector) or 'both' (cross logit + cos(u, v))")
-    sts_encoding: str = _opt("bi", "STS pair encoding: 'bi', 'cross' or 'both' (cross score + 5*cos(u, v))")
-    task_sampling: str = _opt("all", "with multitask: 'all' (every task each step, losses summed), or one task per "
-                                     "step: 'round_robin', 'proportional' (to set size), 'sqrt' or 'annealed' "
-                                     "(Stickland & Murray 2019)")
-    loss_weighting: str = _opt("sum", "'sum' of the task losses, 'fixed' (--sst-weight ...) or 'uncertainty' "
-                                      "(learned log-variances, Kendall et al. 2018)")
-    sst_weight: float = _opt(1.0, "SST loss weight with --loss-weighting fixed")
-    quora_weight: float = _opt(1.0, "Quora loss weight with --loss-weighting fixed")
-    sts_weight: float = _opt(1.0, "STS loss weight with --loss-weighting fixed")
-    uncertainty_lr: float = _opt(1e-2, "learning rate of the log-variances of --loss-weighting uncertainty")
-    pcgrad: bool = _opt(False, "PCGrad (Yu et al. 2020): project conflicting task gradients on the encoder")
-    quora_loss: str = _opt("bce", "'bce', or 'bce_mnr': BCE + in-batch multiple-negatives ranking of duplicates")
-    sts_loss: str = _opt("mse", "'mse', 'cosent' (Su 2022) or 'mse_cosent' (their sum)")
-    mnr_scale: float = _opt(20.0, "multiple-negatives ranking: cosine similarities times this before softmax")
-    cosent_scale: float = _opt(20.0, "CoSENT: lambda, applied to score/5 (cosine units)")
-    layer_decay: float = _opt(1.0, "encoder lr times this per layer down from the top (embeddings lowest); 1 = off")
-    smart_weight: float = _opt(0.0, "SMART (Jiang et al. 2020) smoothness regulariser weight lambda_s; 0 = off "
-                                     "(on, a step costs ~3 forward passes)")
-    smart_epsilon: float = _opt(1e-5, "SMART: bound (and initial noise std) of the word-embedding perturbation")
-    smart_step: float = _opt(1e-3, "SMART: step size of the perturbation's gradient ascent")
+    quora_encoding: str = _method("bi", "Quora pair encoding: 'bi' (two sentence vectors), 'cross' ([CLS] s1 "
+                                        "[SEP] s2 through the encoder, head on the joint vector) or 'both' (cross "
+                                        "logit + cos(u, v))",
+                                  choices=ENCODINGS)
+    sts_encoding: str = _method("bi", "STS pair encoding: 'bi', 'cross' or 'both' (cross score + 5*cos(u, v))",
+                                choices=ENCODINGS)
+    task_sampling: str = _method("all", "with multitask: 'all' (every task each step, losses summed), or one task per "
+                                        "step: 'round_robin', 'proportional' (to set size), 'sqrt' or 'annealed' "
+                                        "(Stickland & Murray 2019)", choices=TASK_SAMPLINGS)
+    loss_weighting: str = _method("sum", "'sum' of the task losses, 'fixed' (--sst-weight ...) or 'uncertainty' "
+                                         "(learned log-variances, Kendall et al. 2018)", choices=LOSS_WEIGHTINGS)
+    sst_weight: float = _method(1.0, "SST loss weight with --loss-weighting fixed")
+    quora_weight: float = _method(1.0, "Quora loss weight with --loss-weighting fixed")
+    sts_weight: float = _method(1.0, "STS loss weight with --loss-weighting fixed")
+    uncertainty_lr: float = _method(1e-2, "learning rate of the log-variances of --loss-weighting uncertainty")
+    pcgrad: bool = _method(False, "PCGrad (Yu et al. 2020): project conflicting task gradients on the encoder")
+    quora_loss: str = _method("bce", "'bce', or 'bce_mnr': BCE + in-batch multiple-negatives ranking of duplicates")
+    sts_loss: str = _method("mse", "'mse', 'cosent' (Su 2022) or 'mse_cosent' (their sum)")
+    mnr_scale: float = _method(20.0, "multiple-negatives ranking: cosine similarities times this before softmax")
+    cosent_scale: float = _method(20.0, "CoSENT: lambda, applied to score/5 (cosine units)")
+    layer_decay: float = _method(1.0, "encoder lr times this per layer down from the top (embeddings lowest); 1 = off")
+    smart_weight: float = _method(0.0, "SMART (Jiang et al. 2020) smoothness regulariser weight lambda_s; 0 = off "
+                                       "(on, a step costs ~3 forward passes)")
+    smart_epsilon: float = _method(1e-5, "SMART: bound (and initial noise std) of the word-embedding perturbation")
+    smart_step: float = _method(1e-3, "SMART: step size of the perturbation's gradient ascent")
 
     # optimisation
-    lr: float = _opt(1e-4, "encoder learning rate (AdamW)")
-    head_lr: float = _opt(2e-3, "learning rate of the freshly initialised heads")
-    weight_decay: float = _opt(0.01, "AdamW weight decay (not on biases and LayerNorm)")
-    schedule: str = _opt("linear", "'linear' or 'cosine' (warmup, then decay to 0) or 'constant'")
-    warmup_ratio: float = _opt(0.06, "fraction of all steps spent warming up (linear and cosine schedules)")
-    max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0 = off)")
-    batch_size: int = _opt(16, "examples per task per step")
-    epochs: int = _opt(10, "passes over the largest training set")
-    seed: int = _opt(0, "seed of data order, dropout and head initialisation")
+    lr: float = _result(1e-4, "encoder learning rate (AdamW)")
+    head_lr: float = _result(2e-3, "learning rate of the freshly initialised heads")
+    weight_decay: float = _result(0.01, "AdamW weight decay (not on biases and LayerNorm)")
+    schedule: str = _result("linear", "'linear' or 'cosine' (warmup, then decay to 0) or 'constant'", choices=SCHEDULES)
+    warmup_ratio: float = _result(0.06, "fraction of all steps spent warming up (linear and cosine schedules)")
+    max_grad_norm: float = _result(1.0, "clip the gradient norm to this (0 = off)")
+    batch_size: int = _result(16, "examples per task per step")
+    epochs: int = _result(10, "passes over the largest training set")
+    seed: int = _result(0, "seed of data order, dropout and head initialisation")
 
     # how it runs
-    device: str = _opt("auto", "'auto', 'cpu', 'cuda', 'cuda:1', ...")
-    amp: str = _opt("auto", "bf16 autocast (fp32 weights and optimizer state): 'auto' = on CUDA and on CPUs with "
-                            "native bf16 (AVX512-BF16 or AMX), fp32 on other CPUs, where bf16 is emulated and far "
-                            "slower; 'bf16' (--amp) forces it, 'off' (--no-amp) is fp32; mtbert.config.resolve_amp")
-    compile: bool = _opt(False, "torch.compile the encoder (CUDA)")
-    packing: bool = _opt(False, "CUDA: pack several sentences per row (block-diagonal attention) instead of "
-                                "padding the step to its longest sentence")
-    eval_batch_size: int = _opt(256, "sentences per evaluation forward pass")
-    log_every: int = _opt(50, "steps between loss/NaN checks on CUDA (each one syncs the GPU)")
-    step: str = _opt("auto", "how a training step runs: 'eager' (one kernel launch at a time), 'static' "
-                             "(bucketed widths, batches staged on the device, no host sync), 'graphs' (static + "
-                             "CUDA graphs; CUDA only), 'auto' (eager: the step that has run on a GPU; static and "
-                             "graphs are opt-in, docs/gpu-steps.md); a speed setting, mtbert.static_step")
+    device: str = _speed("auto", "'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    amp: str = _speed("auto", "bf16 autocast (fp32 weights and optimizer state): 'auto' = on CUDA and on CPUs with "
+                              "native bf16 (AVX512-BF16 or AMX), fp32 on other CPUs, where bf16 is emulated and far "
+                              "slower; 'bf16' (--amp) forces it, 'off' (--no-amp) is fp32; mtbert.config.resolve_amp",
+                      choices=AMPS)
+    compile: bool = _speed(False, "torch.compile the encoder (CUDA)")
+    packing: bool = _speed(False, "CUDA: pack several sentences per row (block-diagonal attention) instead of "
+                                  "padding the step to its longest sentence")
+    eval_batch_size: int = _speed(256, "sentences per evaluation forward pass")
+    log_every: int = _speed(50, "steps between loss/NaN checks on CUDA (each one syncs the GPU)")
+    step: str = _speed("auto", "how a training step runs: 'eager' (one kernel launch at a time), 'static' "
+                               "(bucketed widths, batches staged on the device, no host sync), 'graphs' (static + "
+                               "CUDA graphs; CUDA only), 'auto' (eager: the step that has run on a GPU; static and "
+                               "graphs are opt-in, docs/gpu-steps.md); a speed setting, mtbert.static_step",
+                       choices=STEPS)
 
     def __post_init__(self) -> None:
         # the boolean of older run folders and command lines: true was "where it is fast", false fp32
@@ -121,9 +163,10 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
     def validate(self) -> None:
+        for name, choices in CHOICES.items():  # first: the checks below may read these as names
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {_names(choices)}, got {getattr(self, name)!r}")
         checks = [
-            (self.pooling in POOLINGS, f"pooling must be one of {_names(POOLINGS)}"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {_names(SCHEDULES)}"),
             (0.0 <= self.hidden_dropout_prob < 1.0, "hidden_dropout_prob must be in [0, 1)"),
             (self.lr > 0 and self.head_lr > 0, "learning rates must be positive"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -132,8 +175,6 @@ class TrainConfig:
             (self.max_length >= 8, "max_length must be >= 8"),
             (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)"),
             (device_problem(self.device) is None, device_problem(self.device) or ""),
-            (self.step in STEPS, f"step must be one of {_names(STEPS)}"),
-            (self.amp in AMPS, f"amp must be one of {_names(AMPS)}, got {self.amp!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -145,16 +186,10 @@ class TrainConfig:
         """The multitask methods' checks, each message naming its field (a study file's error shows it)."""
         from .tasks import TASK_TABLE
 
-        if self.task_sampling not in TASK_SAMPLINGS:
-            yield f"task_sampling must be one of {_names(TASK_SAMPLINGS)}, got {self.task_sampling!r}"
-        if self.loss_weighting not in LOSS_WEIGHTINGS:
-            yield f"loss_weighting must be one of {_names(LOSS_WEIGHTINGS)}, got {self.loss_weighting!r}"
         for task in TASK_TABLE.values():
             if task.weight_option and not getattr(self, task.weight_option) > 0:
                 yield f"{task.weight_option} must be > 0"
             encoding = getattr(self, task.encoding_option) if task.encoding_option else "bi"
-            if task.encoding_option and encoding not in ENCODINGS:
-                yield f"{task.encoding_option} must be one of {_names(ENCODINGS)}, got {encoding!r}"
             if task.loss_option:
                 loss = getattr(self, task.loss_option)
                 if loss not in task.losses:
@@ -173,6 +208,26 @@ class TrainConfig:
                 yield f"{name} must be > 0"
         if not self.smart_weight >= 0:
             yield f"smart_weight must be >= 0, got {self.smart_weight}"
+
+
+def fields_with_role(*roles: str) -> frozenset[str]:
+    """The TrainConfig fields whose declared role is one of ``roles`` (ROLES)."""
+    unknown = set(roles) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown role(s): {', '.join(sorted(unknown))}")
+    return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["role"] in roles)
+
+
+# what may differ between a run and its resume (mtbert.checkpoint) and between the workers of one study
+SPEED_FIELDS = fields_with_role("speed")
+# what a study's comparison of study files leaves out: the speed settings and the data folder, whose content
+# is compared instead (studies.spec.spec_differences, service.study.check_data)
+RUNTIME_FIELDS = fields_with_role("speed", "data")
+# what the static step implements as the eager step does: every field but the multitask methods
+STATIC_FIELDS = fields_with_role("encoder", "data", "result", "speed")
+# the fields whose values are names: {field: its names}
+CHOICES: dict[str, tuple[str, ...]] = {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig)
+                                       if "choices" in f.metadata}
 
 
 def config_fields() -> set[str]:

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, resolve_model_name
+from .config import TrainConfig, fields_with_role, resolve_model_name
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # the files of a model folder that transformers loads: weights, configs, tokenizer (not READMEs, not .git*)
@@ -76,4 +76,5 @@ def code_version() -> dict[str, str | None]:
 def result_settings(cfg: TrainConfig, skip: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
     """Every resolved TrainConfig value that decides a result, but `skip` (speed-only and runtime fields,
     the model, which is compared by content, and the data, compared by mtbert.tasks.data_fingerprint)."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in skip and k not in ("model", "data_dir")}
+    by_content = fields_with_role("encoder", "data")
+    return {k: v for k, v in cfg.to_dict().items() if k not in skip and k not in by_content}

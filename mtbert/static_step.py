@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from .config import STATIC_FIELDS, TrainConfig
 from .data import TaskData, TaskStream
 from .inputs import Piece, padded
 from .methods import task_loss
@@ -58,13 +58,9 @@ logger = logging.getLogger(__name__)
 
 WIDTHS = (24, 32, 48, 64, 96, 128)  # on the full data: +8.5-9.1% token positions over rounding each step to 8
 # (scripts/padding_widths.py); few shapes matter more than those positions when the step is launch-bound
-# TrainConfig fields the static step implements as the eager step does; any other field away from
-# its default (a multitask method, say) means the eager step runs instead
-COVERED_FIELDS = frozenset({
-    "model", "data_dir", "max_examples", "max_length", "pooling", "stack", "relu", "cosine", "multitask",
-    "hidden_dropout_prob", "lr", "head_lr", "weight_decay", "schedule", "warmup_ratio", "max_grad_norm",
-    "batch_size", "epochs", "seed", "device", "amp", "compile", "packing", "eval_batch_size", "log_every", "step",
-})
+# TrainConfig fields the static step implements as the eager step does (every role but "method",
+# mtbert.config.ROLES); any other field away from its default (a multitask method, say) means the eager step runs
+COVERED_FIELDS = STATIC_FIELDS
 
 
 # ------------------------------------------------------------------ shapes

@@ -100,7 +100,7 @@ def add_override_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     """Speed settings shared by worker.py and search.py: how a trial runs, not what it computes, so
-    they may differ between the workers of one study (studies.spec.RUNTIME_FIELDS) and are not
+    they may differ between the workers of one study (mtbert.config.RUNTIME_FIELDS) and are not
     recorded on the study; each trial records the step that ran (user attr `step`)."""
     from mtbert.config import AMPS, STEPS
 
@@ -396,14 +396,12 @@ def local_identity(spec: StudySpec) -> dict[str, Any]:
     """What this process would train the study's trials with: the resolved encoder by content (unless the
     space searches the model), every resolved TrainConfig value that changes results but the searched ones,
     and the training code's version (mtbert.provenance). Speed-only and runtime settings are left out."""
-    from mtbert.checkpoint import SPEED_FIELDS
-    from mtbert.config import TrainConfig
+    from mtbert.config import RUNTIME_FIELDS, TrainConfig
     from mtbert.provenance import code_version, encoder_identity, result_settings
-    from studies.spec import RUNTIME_FIELDS
 
     searched = set().union(*(p.controls() for p in spec.space.values()))
     cfg = TrainConfig().replace(**spec.train)
-    identity: dict[str, Any] = {"train": result_settings(cfg, SPEED_FIELDS | set(RUNTIME_FIELDS) | searched),
+    identity: dict[str, Any] = {"train": result_settings(cfg, RUNTIME_FIELDS | searched),
                                 "code": code_version()}
     if "model" not in searched:
         try:
@@ -417,7 +415,7 @@ def trial_identity(cfg) -> dict[str, Any]:
     """What one trial trained with (its system attr "identity"): the encoder by content, every resolved
     setting that changes results, the code version. A record for people and comparisons, never read back
     to decide what is trained or exported."""
-    from mtbert.checkpoint import SPEED_FIELDS
+    from mtbert.config import SPEED_FIELDS
     from mtbert.provenance import code_version, encoder_identity, result_settings
 
     identity: dict[str, Any] = {"train": result_settings(cfg, SPEED_FIELDS), "code": code_version()}

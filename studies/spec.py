@@ -20,7 +20,7 @@ from typing import Any, Callable, NoReturn
 
 import optuna
 
-from mtbert.config import TrainConfig, config_fields
+from mtbert.config import RUNTIME_FIELDS, TrainConfig, config_fields
 from mtbert.tasks import METRICS, TASK_TABLE
 
 STUDIES_DIR = Path(__file__).resolve().parent
@@ -563,12 +563,9 @@ class _Loader:
         return raw
 
 
-# TrainConfig fields that decide how a run goes, not what it computes: a worker on another machine may
-# differ in them from the study's recorded spec.
-# not compared: how a run is executed, and where the data lives (nodes may mount it at different paths;
-# its content is compared instead: service.study.check_data)
-# step: eager, static and graphs compute the same function (tests/test_static_step.py; scripts/gpu_verify.sh on a GPU)
-RUNTIME_FIELDS = ("device", "eval_batch_size", "log_every", "compile", "data_dir", "step", "amp")
+# RUNTIME_FIELDS (mtbert.config, from each field's declared role): the speed settings and the data folder, which
+# a worker on another machine may differ in from the study's recorded spec (the data's content is compared
+# instead: service.study.check_data).
 # What a command line may override (StudySpec.with_overrides): override name -> its key in a recorded spec.
 # The flag of each is `override_flag(name)`; service.study builds worker argv from the same table.
 OVERRIDES: dict[str, str] = {"n_trials": "n_trials", "epochs": "train.epochs", "max_examples": "train.max_examples",
