@@ -229,8 +229,8 @@ def test_a_clone_with_another_train_default_is_refused_in_one_line(tmp_path, tin
                                                                 "sample_data", "__pycache__", "runs", "tests"))
     config = clone / "mtbert" / "config.py"
     text = config.read_text()
-    assert 'head_lr: float = _opt(2e-3,' in text
-    config.write_text(text.replace('head_lr: float = _opt(2e-3,', 'head_lr: float = _opt(5e-3,'))
+    assert 'head_lr: float = _result(2e-3,' in text
+    config.write_text(text.replace('head_lr: float = _result(2e-3,', 'head_lr: float = _result(5e-3,'))
     shutil.copytree(ROOT / "reports", clone / "reports", ignore=shutil.ignore_patterns("*.png", "*.md", "*.csv"))
     study_file = write_study(tmp_path, "clone", tiny_model, tiny_data, n_trials=1)
     url = f"sqlite:///{tmp_path / 'c.db'}"
