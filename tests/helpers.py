@@ -74,6 +74,20 @@ def start_worker(study_file: Path, url: str, env: dict, *extra: str) -> subproce
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def without_fast_heartbeats(env: dict) -> dict:
+    """`env` (conftest's worker environment) with the heartbeat settings of the shell (else the defaults) in
+    place of its fast ones."""
+    import os
+
+    env = dict(env)
+    for name in ("MTBERT_HEARTBEAT_INTERVAL", "MTBERT_HEARTBEAT_GRACE"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+        else:
+            env.pop(name, None)
+    return env
+
+
 def load(url: str, name: str):
     """The optuna study `name` in storage `url`, opened without a heartbeat."""
     import optuna
