@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 # Set before any test imports storage (whose STORAGE_DIR reads it) and inherited by every search.py and
 # worker.py a test starts: worker logs, trials CSVs and reports go to a temporary folder, never into the
@@ -117,6 +117,16 @@ def _isolated_caches(tmp_path_factory):
     os.environ["MTBERT_CHECKPOINT_DIR"] = str(tmp_path_factory.mktemp("checkpoints"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def env(tmp_path) -> dict:
+    """Environment of worker processes: fast heartbeats (a grace a busy 2-core machine can keep), private
+    checkpoint and artifact folders, one thread each. A file whose workers need something else overrides it
+    with its own `env` fixture that takes this one and changes only that."""
+    return {**os.environ, "MTBERT_HEARTBEAT_INTERVAL": "1", "MTBERT_HEARTBEAT_GRACE": "10",
+            "MTBERT_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "MTBERT_ARTIFACT_DIR": str(tmp_path / "artifacts"),
+            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="session")

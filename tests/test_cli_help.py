@@ -7,14 +7,12 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from helpers import ROOT
 from mtbert.cli import bench_parser, evaluate_parser, train_parser
 from mtbert.config import TrainConfig
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -55,7 +55,7 @@ def test_a_study_file_that_differs_only_in_packing_joins_the_study(tmp_path, tin
     """packing is a speed setting (same functions, block-diagonal attention): a worker whose study file turns it
     on joins a study recorded without it, as it may resume a checkpoint (old: 'train.packing' refused it)."""
     from studies.spec import load_spec, spec_differences
-    from test_search import write_study
+    from helpers import write_study
 
     spec = load_spec(write_study(tmp_path, "packed", tiny_model, tiny_data))
     packed = dataclasses.replace(spec, train={**spec.train, "packing": True})

@@ -18,17 +18,16 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 import storage as storage_lib
+from helpers import ROOT, load, write_study
 from reports import confirmation
 from service import confirm
 from service.confirm import ConfirmError, Request
 from service.stats import mean_sd, paired_t, t_quantile, verdict
 from service.study import open_study, study_uuid
 from studies import StudySpecError, load_spec
-from test_search import env, load, write_study  # noqa: F401 - env is a fixture
 from tiny import write_data
 from service.worker import Worker
 
-ROOT = Path(__file__).resolve().parents[1]
 T_975_2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (any t table: 4.303)
 
 
@@ -372,7 +371,7 @@ def test_a_failed_confirmation_trial_is_not_replaced_by_a_new_sample(tmp_path, t
 # ------------------------------------------------------------ real workers (tiny model)
 
 
-def start(study_arg: str, url: str, env: dict, *extra: str) -> subprocess.Popen:  # noqa: F811 - env fixture
+def start(study_arg: str, url: str, env: dict, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "worker.py"), "--study", study_arg, "--no-progress",
                              "--poll-seconds", "0.5", *extra], cwd=ROOT, env={**env, "MTBERT_STORAGE": url},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -388,7 +387,7 @@ def tiny_config(model: Path, data: Path, epochs: int) -> dict:
 
 @pytest.mark.slow
 def test_two_workers_run_the_confirmation_exactly_unpruned_with_the_parents_configs(tmp_path, tiny_model, tiny_data,
-                                                                                     storage_url, env):  # noqa: F811
+                                                                                     storage_url, env):
     # an aggressive pruner on the search: applied to the confirmation, it would stop the hopeless
     # lr = 1e-4 configuration (next to nothing learnt) after its first epoch
     rows = [(0.70, 1e-2, 0.0), (0.65, 1e-4, 0.0), (0.60, 5e-3, 0.3)]  # search value, lr, dropout
@@ -447,7 +446,7 @@ def test_two_workers_run_the_confirmation_exactly_unpruned_with_the_parents_conf
 
 
 @pytest.mark.slow
-def test_a_killed_confirmation_worker_s_trial_is_retried_and_resumes(tmp_path, tiny_model, env):  # noqa: F811
+def test_a_killed_confirmation_worker_s_trial_is_retried_and_resumes(tmp_path, tiny_model, env):
     data = write_data(tmp_path / "data", n_train=1200, n_dev=24, malformed=False)  # ~1 s epochs
     url = f"sqlite:///{tmp_path / 'study.db'}"
     parent, spec, _ = synthetic_parent(tmp_path, n_trials=1, rows=[(0.7, 1e-2, 0.0)],
@@ -501,7 +500,7 @@ def test_confirmation_cli_errors_are_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_search_py_confirm_runs_the_search_then_its_confirmation_once(tmp_path, tiny_model, tiny_data,
-                                                                      env):  # noqa: F811
+                                                                      env):
     path = write_study(tmp_path, "e2e", tiny_model, tiny_data, n_trials=2, epochs=1, pruner='type = "none"')
     url = f"sqlite:///{tmp_path / 'e2e.db'}"
     command = [sys.executable, "search.py", "--study", str(path), "--confirm", "2", "--seeds", "2"]

@@ -1,23 +1,18 @@
 """optuna-dashboard on a small real study, driven by headless Chromium (Debian's chromium + chromedriver)."""
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
 
-from test_reports import EPOCHS, build_recorded_study, load
+from helpers import EPOCHS, ROOT, build_recorded_study, free_port, load, study_id, wait_for_port
 
 pytestmark = pytest.mark.slow  # real processes: see docs/testing.md
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 WAIT = 90  # seconds: the first page load compiles the dashboard's JS bundle on a busy CPU
 
@@ -30,31 +25,6 @@ def require_browser() -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason} (CI=true: the browser test must not be skipped)", pytrace=False)
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"dashboard exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.3)
-    pytest.fail(f"dashboard not listening on 127.0.0.1:{port} after {timeout:.0f}s")
-
-
-def study_id(port: int, name: str) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=30) as response:
-        studies = json.load(response)["study_summaries"]
-    return next(s["study_id"] for s in studies if s["study_name"] == name)
 
 
 def headless_chromium(profile: Path):

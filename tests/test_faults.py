@@ -14,29 +14,15 @@ import pytest
 from optuna.trial import TrialState
 
 import storage as storage_lib
+from helpers import ROOT, error_lines, load, write_study
 from service.study import open_study
 from studies import load_spec
-from test_search import load, write_study
 from tiny import write_data
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def env(tmp_path):
-    """Environment of worker processes (as in test_search): fast heartbeats, private folders, one thread."""
-    return {**os.environ, "MTBERT_HEARTBEAT_INTERVAL": "1", "MTBERT_HEARTBEAT_GRACE": "10",
-            "MTBERT_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "MTBERT_ARTIFACT_DIR": str(tmp_path / "artifacts"),
-            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
 def run(script: str, *args: str, environ: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=environ, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def error_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if " ERROR " in line]
 
 
 # ================================================================ 3. secrets

@@ -8,14 +8,12 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
+from helpers import ROOT, write_study
 from service.progress import print_summary
 from service.ranking import leaderboard
 from service.study import open_study
 from studies import load_spec
-from test_search import write_study
 from service.worker import Worker
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str, env: dict | None = None, cwd: Path = ROOT, timeout: int = 180) -> subprocess.CompletedProcess:

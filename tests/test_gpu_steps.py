@@ -8,10 +8,10 @@ import optuna
 import pytest
 import torch
 
+from helpers import write_study
 from service.study import open_study
 from studies import load_spec
 from studies.spec import spec_differences
-from test_search import write_study
 
 
 def test_a_study_with_the_default_step_takes_a_worker_started_with_step_static(tmp_path, tiny_model, tiny_data,

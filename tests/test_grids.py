@@ -7,20 +7,19 @@ import os
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
 import storage as storage_lib
+from helpers import ROOT
 from mtbert.config import TrainConfig
 from studies import grid_key, load_spec
 from service.study import open_study
 from service.worker import Worker
 
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
-ROOT = Path(__file__).resolve().parents[1]
 GRIDS = ("ablation", "seed_lr", "seed_dropout")
 EXTENSIONS = ("multitask", "cosine", "stack", "relu")
 

@@ -20,21 +20,20 @@ import torch
 from optuna.trial import TrialState
 
 import storage as storage_lib
+from helpers import ROOT, handed_back_after_one_epoch, load, start_worker, without_fast_heartbeats, write_study
 from mtbert.config import TrainConfig
 from mtbert.train import train
 from service.study import open_study
 from studies import load_spec
-from test_search import load, start_worker, write_study
-from service.worker import Worker, WorkerInterrupted
-
-ROOT = Path(__file__).resolve().parents[1]
+from service.worker import Worker
 
 
 @pytest.fixture
-def env(tmp_path):
-    """Worker processes: private checkpoint and artifact folders, one thread."""
-    return {**os.environ, "MTBERT_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "MTBERT_ARTIFACT_DIR": str(tmp_path / "art"),
-            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+def env(env):
+    """conftest's worker environment (private checkpoint and artifact folders, one thread) without its fast
+    heartbeats: this file's workers have always run with the default ones, and they keep them so that they run
+    as they did."""
+    return without_fast_heartbeats(env)
 
 
 def tiny_cfg(tiny_model: Path, tiny_data: Path, **kw) -> TrainConfig:
@@ -405,37 +404,6 @@ def test_export_uses_the_identity_not_the_checkpoint_attribute(tmp_path, tiny_mo
 
 
 # ------------------------------------------------------------------ retries
-
-
-def interrupt_after_first_epoch(monkeypatch):
-    """The next training run is handed back after its first epoch, as a worker's SIGTERM would."""
-    import mtbert.train
-
-    real_train = mtbert.train.train
-
-    def interrupted_train(cfg, *args, callback=None, **kwargs):
-        def on_epoch(result):
-            callback(result)
-            if result.epoch == 1:
-                raise WorkerInterrupted()
-        monkeypatch.setattr(mtbert.train, "train", real_train)
-        return real_train(cfg, *args, callback=on_epoch, **kwargs)
-
-    monkeypatch.setattr(mtbert.train, "train", interrupted_train)
-
-
-def handed_back_after_one_epoch(tmp_path, tiny_model, tiny_data, monkeypatch):
-    """A one-trial study whose trial a worker handed back after its first epoch; and how to run a worker on it."""
-    study_file = write_study(tmp_path, "retry", tiny_model, tiny_data, n_trials=1, epochs=2, pruner='type = "none"')
-    spec = load_spec(study_file)
-    study = open_study(spec, f"sqlite:///{tmp_path / 'r.db'}", {})
-
-    def run_worker() -> None:
-        Worker(study, spec, device="cpu", progress=False, checkpoint_root=tmp_path / "ck").run()
-
-    interrupt_after_first_epoch(monkeypatch)
-    run_worker()
-    return study, run_worker
 
 
 def test_a_completed_retry_does_not_show_the_old_fail_reason(tmp_path, tiny_model, tiny_data, monkeypatch):

@@ -3,7 +3,6 @@ trial trained with, one budget, and NaN scores."""
 from __future__ import annotations
 
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -14,48 +13,21 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+import helpers
 import storage as storage_lib
+from helpers import ROOT, error_lines
 from service.study import open_study, study_budget
 from studies import load_spec
 from service.worker import Worker
 
-ROOT = Path(__file__).resolve().parents[1]
-
-STUDY = """
-description = "issue 17"
-direction = "maximize"
-metric = "overall"
-n_trials = {n_trials}
-
-[train]
-epochs = 1
-batch_size = 8
-max_examples = 16
-model = "{model}"
-data_dir = "{data}"
-device = "cpu"
-eval_batch_size = 64
-{train}
-
-[space]
-lr = {{ type = "float", low = 1e-4, high = 1e-2, log = true }}
-hidden_dropout_prob = {{ type = "float", low = 0.0, high = 0.3 }}
-
-[sampler]
-type = "{sampler}"
-{sampler_extra}
-
-[pruner]
-type = "none"
-"""
-
 
 def write_study(folder: Path, name: str, model, data, n_trials: int = 4, sampler: str = "random",
                 sampler_extra: str = "", train: str = "") -> Path:
-    path = folder / f"{name}.toml"
-    path.write_text(STUDY.format(n_trials=n_trials, model=model, data=data, sampler=sampler,
-                                 sampler_extra=sampler_extra, train=train))
-    return path
+    """helpers.write_study with this file's defaults: 4 trials of one epoch on 16 examples, random sampler,
+    no pruner."""
+    return helpers.write_study(folder, name, model, data, n_trials=n_trials, epochs=1, pruner='type = "none"',
+                               sampler=sampler, sampler_extra=sampler_extra, train="max_examples = 16\n" + train,
+                               description="issue 17")
 
 
 def test_a_nan_score_fails_its_trial_with_its_reason(tmp_path, tiny_model, tiny_data, monkeypatch):
@@ -170,22 +142,10 @@ def test_postgresql_sessions_are_pinned_to_utc(clean_pg_url, monkeypatch):
 # ------------------------------------------------------------ what a trial trained with
 
 
-@pytest.fixture
-def env(tmp_path):
-    """Worker processes: fast heartbeats, private checkpoint and artifact folders, one thread each."""
-    return {**os.environ, "MTBERT_HEARTBEAT_INTERVAL": "1", "MTBERT_HEARTBEAT_GRACE": "10",
-            "MTBERT_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "MTBERT_ARTIFACT_DIR": str(tmp_path / "artifacts"),
-            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-
-
 def run_worker(study_file: Path, url: str, env: dict, root: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(root / "worker.py"), "--study", str(study_file), "--no-progress",
                            "--poll-seconds", "0.5"], cwd=root, env={**env, "MTBERT_STORAGE": url},
                           capture_output=True, text=True, timeout=timeout)
-
-
-def error_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if " ERROR " in line]
 
 
 @pytest.mark.slow

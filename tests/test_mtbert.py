@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import ROOT
 from mtbert.config import TrainConfig
 from mtbert.data import (TASKS, DataError, TaskStream, bucketed_batches, load_splits, load_task, read_task,
                          subsample, task_path)
@@ -19,8 +20,6 @@ from mtbert.evaluate import accuracy, pearson, summarize
 from mtbert.model import ModelLoadError, MultitaskBert, load_pretrained
 from mtbert.train import NonFiniteLossError, epoch_plan, prepare, train
 from tiny import MALFORMED_ROWS, write_data
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_cfg(tiny_model: Path, tiny_data: Path, **kw) -> TrainConfig:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,19 +22,12 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 import storage as storage_lib
-from test_search import load, write_study
+from helpers import ROOT, free_port, load, write_study
 from tiny import write_data
 
 pytestmark = pytest.mark.slow  # real processes: see docs/testing.md
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "storage" / "postgres.sh"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PrivateServer:
@@ -44,7 +36,7 @@ class PrivateServer:
     def __init__(self) -> None:
         # under the temp root itself: the OS user postgres must reach the data dir
         self.dir = Path(tempfile.gettempdir()) / f"mtbert-outage-pg-{uuid.uuid4().hex[:8]}"
-        self.env = {**os.environ, "MTBERT_PG_DIR": str(self.dir), "MTBERT_PG_PORT": str(_free_port()),
+        self.env = {**os.environ, "MTBERT_PG_DIR": str(self.dir), "MTBERT_PG_PORT": str(free_port()),
                     "MTBERT_PG_PASSWORD": "outage-Pw7"}
         self.url = ""
 
@@ -86,10 +78,10 @@ def server():
 
 
 @pytest.fixture
-def env(tmp_path):
-    return {**os.environ, "MTBERT_HEARTBEAT_INTERVAL": "1", "MTBERT_HEARTBEAT_GRACE": "4",
-            "MTBERT_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "MTBERT_ARTIFACT_DIR": str(tmp_path / "artifacts"),
-            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+def env(env):
+    """conftest's worker environment with a grace of 4 s (not 10): the trial that a worker past the outage
+    limit leaves RUNNING is failed and retried by the next worker within seconds."""
+    return {**env, "MTBERT_HEARTBEAT_GRACE": "4"}
 
 
 PARAMS = [{"lr": 3e-3, "hidden_dropout_prob": 0.1}, {"lr": 1e-3, "hidden_dropout_prob": 0.2}]

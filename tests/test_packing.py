@@ -77,7 +77,7 @@ def test_an_oom_mid_trial_fails_that_trial_with_its_reason_and_the_worker_goes_o
 
     from service.study import open_study
     from studies import load_spec
-    from test_search import write_study
+    from helpers import write_study
     from service.worker import Worker
 
     real_step, real_train = mtbert.train.train_step, mtbert.train.train

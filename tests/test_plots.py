@@ -19,11 +19,11 @@ from optuna.distributions import FloatDistribution, IntDistribution  # noqa: E40
 from optuna.trial import TrialState, create_trial  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from helpers import ROOT  # noqa: E402
 from reports import plots  # noqa: E402
 from service.study import open_study  # noqa: E402
 from studies import load_spec  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SPEC = load_spec("quickstart")  # lr (log), hidden_dropout_prob, batch_size (int, step 8); 3 epochs
 DISTRIBUTIONS = {"hidden_dropout_prob": FloatDistribution(0.2, 0.5), "lr": FloatDistribution(1e-5, 1e-4, log=True),
                  "batch_size": IntDistribution(8, 40, step=8)}

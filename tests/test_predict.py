@@ -108,7 +108,7 @@ def trained_trial(study, run, tiny_model, value: float, lr: float = 1e-3) -> Non
     """A complete trial of `study` with its own checkpoint, where the worker writes it (keyed by the
     study's identity)."""
     from service.study import run_id, trial_dir
-    from test_reports import made_trial
+    from helpers import made_trial
 
     study.add_trial(made_trial(TrialState.COMPLETE, value, 1))
     number = len(study.trials) - 1
@@ -120,7 +120,7 @@ def trained_trial(study, run, tiny_model, value: float, lr: float = 1e-3) -> Non
 def export_study(tmp_path, run, name: str):
     from service.study import open_study
     from studies import load_spec
-    from test_search import write_study
+    from helpers import write_study
 
     spec = load_spec(write_study(tmp_path, name, Path("unused"), run["data"], n_trials=3))
     return open_study(spec, f"sqlite:///{tmp_path / (name + '.db')}", {}), spec

@@ -13,13 +13,13 @@ from pathlib import Path
 import optuna
 import pytest
 
+from helpers import ROOT
 from mtbert.config import TrainConfig, resolve_data_dir
 from mtbert.data import read_task
 from mtbert.tasks import TASK_TABLE, TASKS
 from service.study import absolute_path
 from studies import load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data"
 ROWS = {"train": 120, "dev": 120, "test-student": 100}  # what sample_data/README.md documents
 
@@ -100,7 +100,7 @@ def test_the_reproduce_command_names_the_folder_a_trial_read_from_the_environmen
     command names it, so it runs in a fresh shell (it used to leave --data-dir out)."""
     from reports.study_report import best_section
     from service.study import open_study
-    from test_search import write_study
+    from helpers import write_study
     from service.worker import Worker
 
     path = write_study(tmp_path, "envdata", tiny_model, tiny_data, n_trials=1, epochs=1, pruner='type = "none"')

@@ -15,44 +15,10 @@ import pytest
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
 from optuna.trial import TrialState
 
-import storage as storage_lib
+from helpers import EPOCHS, N_DEV, ROOT, build_recorded_study, load, made_trial, write_study
 from studies import load_spec
-from test_search import write_study
-from tiny import write_data
 from service.study import open_study
 from service.worker import Worker
-
-ROOT = Path(__file__).resolve().parents[1]
-EPOCHS, N_DEV = 3, 24
-# as in test_search's pruning test: two good runs, then a hopeless one (100x lower lr) that the median
-# pruner stops; then one more with other params, so that parameter importances can be computed
-ENQUEUED = [(1e-2, 0.0), (1e-2, 0.0), (1e-4, 0.0), (5e-3, 0.3)]
-PRUNER = 'type = "median"\nn_startup_trials = 2\nn_warmup_steps = 0'
-
-
-def build_recorded_study(folder: Path, model: Path, name: str = "rep") -> dict:
-    """A small real study of the tiny model, some trials pruned, recorded by an in-process worker.
-
-    Returns what the CLI needs: study file, storage URL and the environment of the subprocesses.
-    """
-    data = write_data(folder / "data", n_dev=N_DEV)
-    study_file = write_study(folder, name, model, data, n_trials=len(ENQUEUED), epochs=EPOCHS, pruner=PRUNER)
-    spec = load_spec(study_file)
-    url = f"sqlite:///{folder / 'study.db'}"
-    study = open_study(spec, url, {})
-    for lr, dropout in ENQUEUED:
-        study.enqueue_trial({"lr": lr, "hidden_dropout_prob": dropout})
-    artifacts, checkpoints = folder / "artifacts", folder / "ckpt"
-    artifacts.mkdir()
-    Worker(study, spec, device="cpu", progress=False, checkpoint_root=checkpoints,
-           artifact_store=FileSystemArtifactStore(str(artifacts))).run()
-    env = {**os.environ, "MTBERT_STORAGE": url, "MTBERT_ARTIFACT_DIR": str(artifacts),
-           "MTBERT_CHECKPOINT_DIR": str(checkpoints), "TOKENIZERS_PARALLELISM": "false"}
-    return {"file": study_file, "spec": spec, "url": url, "env": env, "artifacts": artifacts, "name": name}
-
-
-def load(url: str, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=storage_lib.open_storage(url, heartbeat=False))
 
 
 def cli(study: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -285,15 +251,6 @@ def synthetic_study(folder: Path, trials: list[optuna.trial.FrozenTrial]) -> dic
         study.add_trial(t)
     env = {**os.environ, "MTBERT_STORAGE": url, "MTBERT_ARTIFACT_DIR": str(folder / "a")}
     return {"file": folder / "edge.toml", "env": env}
-
-
-def made_trial(state: TrialState, value: float | None, epochs: int, **attrs) -> optuna.trial.FrozenTrial:
-    return optuna.trial.create_trial(
-        state=state, value=value, params={"lr": 1e-3, "hidden_dropout_prob": 0.1},
-        distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
-                       "hidden_dropout_prob": optuna.distributions.FloatDistribution(0.0, 0.3)},
-        intermediate_values={e: 0.4 for e in range(1, epochs + 1)},
-        user_attrs={"sst_acc": 0.3, "quora_acc": 0.6, "sts_corr": 0.3, "overall": 0.4, **attrs})
 
 
 def test_report_skips_importances_with_a_reason_when_there_are_too_few_trials(tmp_path):

@@ -1,7 +1,6 @@
 """The search service: parallel workers against one study, budget, retries, pruning, failures, secrets."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,76 +14,10 @@ from optuna.trial import TrialState
 
 import storage as storage_lib
 from studies import load_spec
+from helpers import ROOT, assert_budget_met_exactly, load, start_worker, write_study
 from tiny import write_data
 from service.study import open_study, study_key
 from service.worker import Worker
-
-ROOT = Path(__file__).resolve().parents[1]
-
-STUDY = """
-description = "test study"
-direction = "maximize"
-metric = "overall"
-n_trials = {n_trials}
-
-[train]
-epochs = {epochs}
-batch_size = 8
-model = "{model}"
-data_dir = "{data}"
-device = "cpu"
-eval_batch_size = 64
-
-[space]
-lr = {{ type = "float", low = 1e-4, high = 1e-2, log = true }}
-hidden_dropout_prob = {{ type = "float", low = 0.0, high = 0.3 }}
-
-[sampler]
-type = "tpe"
-constant_liar = true
-n_startup_trials = 2
-
-[pruner]
-{pruner}
-"""
-
-
-def write_study(folder: Path, name: str, model: Path, data: Path, n_trials: int = 6, epochs: int = 3,
-                pruner: str = 'type = "median"\nn_startup_trials = 1') -> Path:
-    path = folder / f"{name}.toml"
-    path.write_text(STUDY.format(n_trials=n_trials, epochs=epochs, model=model, data=data, pruner=pruner))
-    return path
-
-
-@pytest.fixture
-def env(tmp_path):
-    """Environment of worker processes: fast heartbeats (a grace a busy 2-core machine can keep),
-    private checkpoint and artifact folders."""
-    return {**os.environ, "MTBERT_HEARTBEAT_INTERVAL": "1", "MTBERT_HEARTBEAT_GRACE": "10",
-            "MTBERT_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "MTBERT_ARTIFACT_DIR": str(tmp_path / "artifacts"),
-            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-
-
-def start_worker(study_file: Path, url: str, env: dict, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "worker.py"), "--study", str(study_file), "--no-progress",
-                             "--poll-seconds", "0.5", *extra], cwd=ROOT, env={**env, "MTBERT_STORAGE": url},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def load(url: str, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=storage_lib.open_storage(url, heartbeat=False))
-
-
-def assert_budget_met_exactly(study: optuna.Study, budget: int, epochs: int) -> None:
-    trials = study.get_trials(deepcopy=False)
-    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(finished) == budget
-    assert sorted(t.number for t in trials) == list(range(len(trials)))  # none lost, none duplicated
-    for t in finished:
-        steps = sorted(t.intermediate_values)
-        expected = epochs if t.state == TrialState.COMPLETE else steps[-1]
-        assert steps == list(range(1, expected + 1)), (t.number, steps)
-
 
 @pytest.mark.slow
 def test_three_workers_meet_the_budget_exactly(tmp_path, tiny_model, tiny_data, storage_url, env):

@@ -3,7 +3,6 @@ rerun of a finished study that runs nothing, a non-zero exit with the worker's e
 workers fail, and no export into a tracked folder of the repository."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -14,21 +13,21 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from helpers import ROOT, without_fast_heartbeats, write_study
 from service.progress import last_error_line
 from service.study import open_study
 from studies import load_spec
-from test_search import write_study
 from tiny import write_data
 
-ROOT = Path(__file__).resolve().parents[1]
 STAMP = r"\d\d:\d\d:\d\d "  # each event line starts with the time
 
 
 @pytest.fixture
-def env(tmp_path) -> dict:
-    """Worker environment: private checkpoint and artifact folders, one thread per worker (shared cores)."""
-    return {**os.environ, "MTBERT_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "MTBERT_ARTIFACT_DIR": str(tmp_path / "art"),
-            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+def env(env) -> dict:
+    """conftest's worker environment (private checkpoint and artifact folders, one thread per worker: shared
+    cores) without its fast heartbeats: these searches have always run with the default ones, and they keep
+    them so that they run as they did."""
+    return without_fast_heartbeats(env)
 
 
 def search(study_file: Path, url: str, env: dict, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -9,13 +9,10 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from helpers import ROOT, free_port, handed_back_after_one_epoch, study_id, wait_for_port, write_study
 from service.study import open_study, trial_dir
 from studies import load_spec
-from test_identity import handed_back_after_one_epoch
-from test_search import write_study
 from service.worker import Worker
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Payload:
@@ -103,8 +100,6 @@ def _dashboard(study_file: Path, url: str, *extra: str):
     import subprocess
     import sys
 
-    from test_dashboard_browser import free_port, wait_for_port
-
     port = free_port()
     proc = subprocess.Popen([sys.executable, "search.py", "--study", str(study_file), "--dashboard", "--port", str(port),
                              "--storage", url, *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -129,8 +124,6 @@ def _stop(proc) -> str:
 @pytest.mark.slow
 def test_the_dashboard_refuses_every_change_over_http_unless_writable(tmp_path, tiny_model, tiny_data):
     import optuna
-
-    from test_dashboard_browser import study_id
 
     study_file = write_study(tmp_path, "dash", tiny_model, tiny_data, n_trials=1, epochs=1)
     url = f"sqlite:///{tmp_path / 'd.db'}"
@@ -290,7 +283,6 @@ def test_a_study_renamed_under_a_running_worker_is_one_line_and_its_trial_can_be
 
     import storage as storage_lib
     from storage import optuna_compat
-    from test_dashboard_browser import study_id
 
     study_file = write_study(tmp_path, "ren", tiny_model, tiny_data, n_trials=2, epochs=8, pruner='type = "none"')
     url = f"sqlite:///{tmp_path / 'r.db'}"

@@ -25,14 +25,13 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 import storage as storage_lib
+from helpers import ROOT, assert_budget_met_exactly, free_port, load, write_study
 from service.study import study_key, study_uuid
 from service import slurm as launcher
-from test_search import assert_budget_met_exactly, load, write_study
 from tiny import write_data
 
 pytestmark = pytest.mark.slow  # real processes: see docs/testing.md
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "cluster" / "slurm" / "worker.sbatch"
 
 
@@ -43,12 +42,6 @@ def _no_slurm(reason: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason} (CI=true: the SLURM tests must not be skipped)", pytrace=False)
     pytest.skip(reason)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop(pid_file: Path) -> None:
@@ -71,8 +64,8 @@ def _slurm_conf(d: Path, host: str, cpus: int, mem_mb: int) -> str:
     return f"""# written by tests/test_slurm.py for one run; private socket, ports and folders
 ClusterName=mtbert-test
 SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 AuthType=auth/munge
 AuthInfo=socket={d}/munge/munge.socket
 CredType=cred/munge

@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 import pytest
 
+from helpers import ROOT
 from mtbert.config import TrainConfig, config_fields
 from studies import STUDIES_DIR, ParamSpec, StudySpec, StudySpecError, list_studies, load_spec
 
@@ -588,7 +589,7 @@ def test_an_old_boolean_amp_is_refused_with_the_value_to_write(tmp_path):
     """amp became auto/bf16/off: a study file with the old `amp = true` gets one line saying what to write."""
     from studies import StudySpecError, load_spec
 
-    source = (Path(__file__).resolve().parents[1] / "studies" / "quickstart.toml").read_text()
+    source = (ROOT / "studies" / "quickstart.toml").read_text()
     path = tmp_path / "old.toml"
     path.write_text(source.replace("[train]\n", "[train]\namp = true\n", 1))
     with pytest.raises(StudySpecError, match='train.amp: amp is "auto", "bf16" or "off" now: write amp = "auto"'):
