@@ -221,7 +221,7 @@ def fields_with_role(*roles: str) -> frozenset[str]:
 # what may differ between a run and its resume (mtbert.checkpoint) and between the workers of one study
 SPEED_FIELDS = fields_with_role("speed")
 # what a study's comparison of study files leaves out: the speed settings and the data folder, whose content
-# is compared instead (studies.spec.spec_differences, service.study.check_data)
+# is compared instead (studies.compare.spec_differences, service.study.check_data)
 RUNTIME_FIELDS = fields_with_role("speed", "data")
 # what the static step implements as the eager step does: every field but the multitask methods
 STATIC_FIELDS = fields_with_role("encoder", "data", "result", "speed")
