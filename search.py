@@ -43,7 +43,7 @@ from service.slurm import add_slurm_arguments, check_arguments, run_array
 from service.study import (FINISHED, OVERRIDE_FLAGS, SEED, StudyIdentityError, add_override_arguments,
                            add_speed_arguments, bounded, load_study_spec, open_study, storage_url,
                            study_budget, study_key, study_option, trial_counts)
-from mtbert.tasks import data_problem
+from mtbert.config import data_problem
 from studies import StudySpec, StudySpecError
 
 logger = logging.getLogger("search")

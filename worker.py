@@ -20,8 +20,7 @@ import logging
 import sys
 
 import storage as storage_lib
-from mtbert.config import device_problem
-from mtbert.tasks import data_problem
+from mtbert.config import data_problem, device_problem
 from service import confirm
 from service.study import (SEED, StudyIdentityError, add_override_arguments, add_speed_arguments, bounded,
                            load_study_spec, open_study, storage_url, study_budget)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .tasks import TASK_TABLE, missing_data
+
 DEFAULT_MODEL = "default"  # sentinel: the packaged all-MiniLM-L6-v2, or $MTBERT_DEFAULT_MODEL
 SCHEDULES = ("linear", "cosine", "constant")
 ENCODINGS = ("bi", "cross", "both")  # pair encoding of a pair task
@@ -184,8 +186,6 @@ class TrainConfig:
 
     def _method_problems(self) -> Iterable[str]:
         """The multitask methods' checks, each message naming its field (a study file's error shows it)."""
-        from .tasks import TASK_TABLE
-
         for task in TASK_TABLE.values():
             if task.weight_option and not getattr(self, task.weight_option) > 0:
                 yield f"{task.weight_option} must be > 0"
@@ -397,3 +397,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: Iterable[str] |
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig options given on a command line built with overrides_only=True."""
     return {k: v for k, v in vars(args).items() if k in config_fields() and v is not None}
+
+
+def data_problem(data_dir: str | os.PathLike | None) -> str | None:
+    """Why a search or worker cannot train on `data_dir` (None: the study's, else $MTBERT_DATA_DIR, else
+    ./data), in one line naming the ways to point it at the data; None when every file is there."""
+    folder = resolve_data_dir(str(data_dir) if data_dir else None)
+    missing = missing_data(folder)
+    if not missing:
+        return None
+    what = "no such folder" if not folder.is_dir() else f"missing {', '.join(missing)}"
+    return (f"no CS224N data in {os.path.abspath(folder)} ({what}): pass --data-dir DIR or set "
+            f"MTBERT_DATA_DIR=DIR (a folder with ids-sst-train.csv, quora-train.csv, sts-train.csv and their dev "
+            f"files; the repository's sample_data/ is a small one)")

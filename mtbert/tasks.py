@@ -221,21 +221,6 @@ def missing_data(data_dir: str | os.PathLike) -> list[str]:
             if not (Path(data_dir) / t.file_name(s)).is_file()]
 
 
-def data_problem(data_dir: str | os.PathLike | None) -> str | None:
-    """Why a search or worker cannot train on `data_dir` (None: the study's, else $MTBERT_DATA_DIR, else
-    ./data), in one line naming the ways to point it at the data; None when every file is there."""
-    from .config import resolve_data_dir
-
-    folder = resolve_data_dir(str(data_dir) if data_dir else None)
-    missing = missing_data(folder)
-    if not missing:
-        return None
-    what = "no such folder" if not folder.is_dir() else f"missing {', '.join(missing)}"
-    return (f"no CS224N data in {os.path.abspath(folder)} ({what}): pass --data-dir DIR or set "
-            f"MTBERT_DATA_DIR=DIR (a folder with ids-sst-train.csv, quora-train.csv, sts-train.csv and their dev "
-            f"files; the repository's sample_data/ is a small one)")
-
-
 def task_of_file(file_name: str, columns) -> str:
     """The task an unlabelled (or labelled) CS224N-format file belongs to, from its columns and name.
 

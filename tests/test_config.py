@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from helpers import ROOT
 from mtbert import config
 from mtbert.config import CHOICES, ROLES, RUNTIME_FIELDS, SPEED_FIELDS, STATIC_FIELDS, TrainConfig, fields_with_role
 
@@ -62,3 +63,24 @@ def test_a_study_file_that_differs_only_in_packing_joins_the_study(tmp_path, tin
     assert spec_differences(spec.to_dict(), packed) == []
     seeded = dataclasses.replace(spec, train={**spec.train, "seed": 7})
     assert spec_differences(spec.to_dict(), seeded) == ["train.seed: recorded (not set), file 7"]  # a result setting
+
+
+def test_mtbert_modules_import_each_other_without_a_circle():
+    """Every import between mtbert's modules, at module top or inside a function, forms no circle (issue 22,
+    item 2: config -> tasks -> methods -> config was held apart only by imports inside functions)."""
+    import ast
+    import graphlib
+
+    graph: dict[str, set[str]] = {}
+    for path in (ROOT / "mtbert").glob("*.py"):
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mtbert."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps.update(a.name.split(".")[1] for a in node.names if a.name.startswith("mtbert."))
+        graph[path.stem] = deps - {path.stem}
+    assert graph["tasks"] <= {"losses"}, graph["tasks"]  # the task table depends on nothing of the trainer
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the circle
