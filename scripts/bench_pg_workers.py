@@ -31,34 +31,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STUDY = """
-direction = "maximize"
-metric = "overall"
-n_trials = {n_trials}
-
-[train]
-epochs = {epochs}
-batch_size = 8
-model = "{model}"
-data_dir = "{data}"
-device = "cpu"
-eval_batch_size = 64
-
-[space]
-lr = {{ type = "float", low = 1e-4, high = 1e-2, log = true }}
-hidden_dropout_prob = {{ type = "float", low = 0.0, high = 0.3 }}
-
-[sampler]
-type = "tpe"
-constant_liar = true
-n_startup_trials = 4
-
-[pruner]
-type = "median"
-n_startup_trials = 4
-"""
-
-
 # ------------------------------------------------------------ one worker (a child process)
 
 
@@ -140,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from sqlalchemy.engine import make_url
 
     sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import write_study  # the tests' study of the tiny model (tests/ is on the path above)
     from tiny import write_data, write_tiny_model
 
     url = storage_lib.resolve_url(args.storage, args.storage_file)
@@ -159,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mtbert-bench-") as tmp:
         tmp = Path(tmp)
         model, data = write_tiny_model(tmp / "model"), write_data(tmp / "data")
-        study_file = tmp / f"{name}.toml"
-        study_file.write_text(STUDY.format(n_trials=args.n_trials, epochs=args.epochs, model=model, data=data))
+        study_file = write_study(tmp, name, model, data, n_trials=args.n_trials, epochs=args.epochs,
+                                 sampler_extra="constant_liar = true\nn_startup_trials = 4",
+                                 pruner='type = "median"\nn_startup_trials = 4', description="bench_pg_workers")
         url_file = tmp / "storage-url"
         url_file.write_text(url + "\n")
         url_file.chmod(0o600)
@@ -242,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"connections held by the workers: peak {max(totals)} ({max(totals) / args.workers:.1f} per worker; "
               f"one worker at most {per_worker_peak}), mean {statistics.mean(totals):.1f} over {len(live)} samples; "
               f"at the peak: {', '.join(f'{k} {v}' for k, v in sorted(by_state.items()))}")
-    print(f"per-worker pool (storage/__init__.py): pool_size 4 + max_overflow 4 = at most 8 connections; "
+    print(f"per-worker pool (storage/engines.py): pool_size 4 + max_overflow 4 = at most 8 connections; "
           f"{args.workers} workers could open {8 * args.workers} of the {max_conn - reserved} available")
     for i, code, last in failed:
         print(f"worker {i} exited {code}: {last}", file=sys.stderr)
