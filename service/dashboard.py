@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -47,6 +48,22 @@ def serve(storage, artifact_store, host: str, port: int, writable: bool = False)
     from optuna_dashboard import wsgi
 
     app = wsgi(storage, artifact_store=artifact_store)
-    server = make_server(host, port, app if writable else read_only(app), handler_class=_QuietHandler)
+    serve_app(app if writable else read_only(app), host, port)
+
+
+def serve_app(app: WSGIApp, host: str, port: int) -> None:
+    """Serve `app` until KeyboardInterrupt (Ctrl-C, or SIGTERM as search.py turns it into one).
+
+    The server loop runs in a thread and the main thread only waits: a signal's KeyboardInterrupt is raised
+    in the main thread, and wsgiref's request handler catches *every* exception (a bare except) and keeps
+    serving, so a SIGTERM that landed while a request was being answered was swallowed and the dashboard
+    never stopped."""
+    server = make_server(host, port, app, handler_class=_QuietHandler)
     with server:
-        server.serve_forever()
+        loop = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)
+        loop.start()
+        try:
+            while loop.is_alive():
+                loop.join(0.5)
+        finally:
+            server.shutdown()  # returns once the request being answered (if any) is done

@@ -3,6 +3,7 @@ exported, SLURM tasks get only what a worker needs, and a study or storage that 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,56 @@ def test_the_dashboard_refuses_every_change_over_http_unless_writable(tmp_path, 
     finally:
         _stop(proc)
     assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["renamed"]
+
+
+# a dashboard whose app answers after `delay` seconds, stopped the way search.py stops one (its SIGTERM handler)
+_SLOW_DASHBOARD = """
+import signal, sys, time
+import optuna_dashboard
+import search
+from service import dashboard
+
+def slow_app(environ, start_response):
+    time.sleep(float(sys.argv[2]))
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"answered"]
+
+optuna_dashboard.wsgi = lambda storage, artifact_store=None: slow_app
+signal.signal(signal.SIGTERM, search._interrupt)
+try:
+    dashboard.serve(None, None, "127.0.0.1", int(sys.argv[1]), writable=True)
+except KeyboardInterrupt:
+    print("stopped", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_sigterm_while_the_dashboard_answers_a_request_still_stops_it(tmp_path):
+    """CI once waited 60 s on a dashboard that ignored SIGTERM: the signal's KeyboardInterrupt landed inside a
+    request, where wsgiref's handler catches every exception and serves on."""
+    import subprocess
+    import sys
+    import threading
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_DASHBOARD, str(port), "2"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for_port(port, proc)
+    answers: list[str] = []
+    client = threading.Thread(target=lambda: answers.append(
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()))
+    client.start()
+    time.sleep(0.7)  # the request is being answered (the app sleeps 2 s)
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"the dashboard did not stop on a SIGTERM during a request: {proc.communicate()[0]}")
+    client.join(30)
+    assert proc.returncode == 0 and "stopped" in out, out
+    assert answers == ["answered"]  # the request in flight was answered before the server stopped
 
 
 def test_dashboard_help_says_read_only_and_how_to_allow_writes():
