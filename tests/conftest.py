@@ -23,6 +23,16 @@ os.environ["MTBERT_REPORTS_DIR"] = str(_OUTPUTS / "reports")
 atexit.register(shutil.rmtree, _OUTPUTS, ignore_errors=True)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, as README and .ci/run run the suite) every `slow` test goes
+    to one process, in file order, while the fast tier runs in the other: the slow tests, which start
+    workers, kill them and time heartbeats, never run beside each other, only beside unit tests for the
+    first minutes. Without xdist the mark does nothing."""
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.xdist_group("slow"))
+
+
 # ---------------------------------------------------------------------------
 # PostgreSQL fixtures (owner: storage/). A server comes from MTBERT_TEST_PG_URL or
 # a running `storage/postgres.sh start`; without one, tests skip, but fail under CI=true.
