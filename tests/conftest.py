@@ -23,6 +23,7 @@ os.environ["MTBERT_REPORTS_DIR"] = str(_OUTPUTS / "reports")
 atexit.register(shutil.rmtree, _OUTPUTS, ignore_errors=True)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items) -> None:
     """Under pytest-xdist (`-n 2 --dist loadgroup`, as README and .ci/run run the suite) every `slow` test goes
     to one process, in file order, while the fast tier runs in the other: the slow tests, which start
