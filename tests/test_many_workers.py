@@ -260,8 +260,6 @@ def _skewed(env: dict, url: str) -> dict:
     return {**env, "LD_PRELOAD": str(LIBFAKETIME), "FAKETIME": "+10m", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
 
 
-@pytest.mark.xfail(strict=False, reason="flaky here: in about 1 of 3 runs the extra worker.py exits 1 in the last "
-                   "round (its output is in the assertion); the no-repeat and budget assertions held in every run")
 @pytest.mark.slow
 def test_two_searches_and_a_worker_stopped_and_restarted_train_no_configuration_twice(tmp_path, tiny_model,
                                                                                     tiny_data, storage_url, env):
@@ -302,7 +300,10 @@ def test_two_searches_and_a_worker_stopped_and_restarted_train_no_configuration_
         logs += [p.communicate(timeout=180)[0] for p in procs]
     procs = start_all()
     outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(logs + outputs)
+    # the searches must end well; the extra worker.py exits 1 in the last round in about 1 of 3 runs (not
+    # understood yet): its exit is checked last, after every no-repeat and budget assertion below, and then
+    # marks the test xfailed with its output (-rx prints it in the summary) instead of hiding the assertions
+    assert [p.returncode for p in procs[:2]] == [0, 0], "\n".join(logs + outputs)
 
     study = optuna.load_study(study_name="many", storage=storage_lib.open_storage(storage_url, heartbeat=False))
     trials = study.get_trials(deepcopy=False)
@@ -326,6 +327,10 @@ def test_two_searches_and_a_worker_stopped_and_restarted_train_no_configuration_
             assert t.user_attrs.get("fail_reason", "").startswith("stopped by a signal; "), (t.number, t.user_attrs)
         for previous in t.user_attrs.get("previous_fail_reasons") or []:
             assert previous["reason"].startswith("stopped by a signal; "), (t.number, previous)
+    if procs[2].returncode != 0:
+        tail = "\n".join(outputs[2].splitlines()[-25:])
+        pytest.xfail(f"known flake: the extra worker.py exited {procs[2].returncode} in the last round; "
+                     f"every no-repeat and budget assertion held. Its last lines:\n{tail}")
 
 
 def test_a_plain_command_keeps_the_recorded_budget(tmp_path, tiny_model, tiny_data):
