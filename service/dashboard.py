@@ -59,11 +59,21 @@ def serve_app(app: WSGIApp, host: str, port: int) -> None:
     serving, so a SIGTERM that landed while a request was being answered was swallowed and the dashboard
     never stopped."""
     server = make_server(host, port, app, handler_class=_QuietHandler)
+    crashed: list[BaseException] = []
+
+    def loop_body() -> None:
+        try:
+            server.serve_forever()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+            crashed.append(exc)
+
     with server:
-        loop = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)
+        loop = threading.Thread(target=loop_body, name="dashboard", daemon=True)
         loop.start()
         try:
             while loop.is_alive():
                 loop.join(0.5)
         finally:
             server.shutdown()  # returns once the request being answered (if any) is done
+    if crashed:  # the server loop itself failed: an error, not a silent exit 0
+        raise crashed[0]

@@ -159,7 +159,7 @@ def test_the_dashboard_refuses_every_change_over_http_unless_writable(tmp_path, 
     assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["renamed"]
 
 
-# a dashboard whose app answers after `delay` seconds, stopped the way search.py stops one (its SIGTERM handler)
+# a dashboard whose app answers after argv[2] seconds, stopped the way search.py stops one (its SIGTERM handler)
 _SLOW_DASHBOARD = """
 import signal, sys, time
 import optuna_dashboard
